@@ -1,0 +1,1 @@
+"""An example slmserve plugin distribution."""

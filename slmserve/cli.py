@@ -1,0 +1,209 @@
+"""The ``slmserve`` command: one sub-command per tool, all sharing the engine's config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from slmserve.config import ConfigError, EngineConfig, load_config, parse_options
+from slmserve.interfaces import PluginError
+from slmserve.plugins import PluginManager
+
+log = logging.getLogger("slmserve")
+
+
+class CLIError(Exception):
+    """A user mistake on the command line; printed without a traceback, exit status 2."""
+
+
+def add_engine_args(parser: argparse.ArgumentParser, plugins: PluginManager) -> None:
+    """Engine flags; choices come from the live plugin registry."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    g.add_argument("--config", metavar="FILE.toml", help="engine settings file")
+    g.add_argument("--backend", choices=plugins.backends.names())
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--scheduler", choices=plugins.schedulers.names())
+    g.add_argument(
+        "--scheduler-opt", action="append", metavar="KEY=VALUE", help="scheduler option"
+    )
+    g.add_argument("--kv-tokens", type=int, help="KV cache size in tokens")
+    g.add_argument("--max-batch-tokens", type=int, help="token budget per step")
+    g.add_argument("--chunked-prefill-size", type=int, help="largest prefill chunk per request")
+    g.add_argument("--max-running-requests", type=int)
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--seed", type=int)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    options = parse_options(args.scheduler_opt)
+    overrides: dict[str, Any] = {
+        "model": args.model,
+        "backend": args.backend,
+        "device": args.device,
+        "dtype": args.dtype,
+        "scheduler": args.scheduler,
+        "scheduler_options": options or None,
+        "kv_tokens": args.kv_tokens,
+        "max_batch_tokens": args.max_batch_tokens,
+        "chunked_prefill_size": args.chunked_prefill_size,
+        "max_running_requests": args.max_running_requests,
+        "max_model_len": args.max_model_len,
+        "seed": args.seed,
+    }
+    return load_config(args.config, overrides)
+
+
+# -------------------------------------------------------------------------- plugins
+
+
+def cmd_plugins(args: argparse.Namespace, plugins: PluginManager) -> int:
+    kinds = {
+        "schedulers": plugins.schedulers,
+        "compressors": plugins.compressors,
+        "backends": plugins.backends,
+    }
+    rows = {
+        kind: [
+            {
+                "name": e.name,
+                "plugin": e.plugin,
+                "distribution": e.distribution,
+                "version": e.version,
+                "description": e.description,
+            }
+            for e in registry.entries()
+        ]
+        for kind, registry in kinds.items()
+    }
+    if args.json:
+        print(json.dumps({**rows, "plugins": plugins.plugin_names()}, indent=2))
+        return 0
+    for kind, entries in rows.items():
+        print(f"{kind}:")
+        if not entries:
+            print("  (none)")
+        for e in entries:
+            origin = f"{e['distribution']} {e['version']}".strip()
+            print(f"  {e['name']:<14} {e['description']:<48} [{e['plugin']}; {origin}]")
+    return 0
+
+
+# -------------------------------------------------------------------------- generate
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.input:
+        path = Path(args.input)
+        if not path.exists():
+            raise CLIError(f"input file not found: {path}")
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CLIError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise CLIError(f'{path}:{lineno}: expected an object with a "prompt" string')
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise CLIError("give at least one prompt, or --input FILE.jsonl")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace, plugins: PluginManager) -> int:
+    from slmserve.engine import Engine
+    from slmserve.types import SamplingParams
+
+    prompts = _read_prompts(args)
+    config = engine_config(args)
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.sampling_seed,
+            stop=args.stop or [],
+            ignore_eos=args.ignore_eos,
+        )
+    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise CLIError(f"invalid sampling parameters: {exc}") from None
+    engine = Engine(config, plugins=plugins)
+    results = engine.generate_batch(prompts, params, progress=len(prompts) > 1)
+    out = open(args.output, "w") if args.output else None  # noqa: SIM115
+    try:
+        for prompt, res in zip(prompts, results):
+            if out is not None or args.json:
+                record = {"prompt": prompt, **msgspec.to_builtins(res)}
+                line = json.dumps(record, ensure_ascii=False)
+                print(line, file=out or sys.stdout)
+            else:
+                print(res.text)
+    finally:
+        if out is not None:
+            out.close()
+    return 0
+
+
+# -------------------------------------------------------------------------- main
+
+
+def build_parser(plugins: PluginManager) -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
+    parser = argparse.ArgumentParser(
+        prog="slmserve", description="Serve, score and benchmark small language models."
+    )
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    handlers: dict[str, Callable] = {}
+
+    p = sub.add_parser("plugins", help="list schedulers, compressors and backends")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    handlers["plugins"] = cmd_plugins
+
+    p = sub.add_parser("generate", help="generate text for prompts")
+    p.add_argument("prompt", nargs="*", help="prompt text")
+    p.add_argument("--input", metavar="FILE.jsonl", help='one {"prompt": ...} per line')
+    p.add_argument("--output", metavar="FILE.jsonl", help="write one JSON result per line")
+    p.add_argument("--json", action="store_true", help="print JSON results")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--sampling-seed", type=int)
+    p.add_argument("--stop", action="append")
+    p.add_argument("--ignore-eos", action="store_true")
+    add_engine_args(p, plugins)
+    handlers["generate"] = cmd_generate
+    return parser, handlers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        plugins = PluginManager()
+    except PluginError as exc:
+        print(f"slmserve: plugin error: {exc}", file=sys.stderr)
+        return 2
+    parser, handlers = build_parser(plugins)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return handlers[args.command](args, plugins)
+    except (CLIError, ConfigError, PluginError) as exc:
+        print(f"slmserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,90 @@
+"""Engine settings as one msgspec Struct, layered: defaults < TOML file < CLI flags.
+
+Validation happens in one place (``msgspec.convert``), so a bad value anywhere — a TOML typo, a
+CLI flag, a Python keyword — produces the same message naming the field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+Fraction = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+
+DEFAULT_CPU_KV_TOKENS = 131_072
+"""KV slots on CPU when no budget is given (host RAM is shared with everything else)."""
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the field."""
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything the engine needs to start. Field docs double as ``--help`` text."""
+
+    model: str | None = None
+    """Checkpoint directory; ``None`` or ``"demo"`` selects the embedded demo model."""
+    backend: str = "native"
+    backend_options: dict[str, Any] = msgspec.field(default_factory=dict)
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1`` ..."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    scheduler: str = "fcfs"
+    scheduler_options: dict[str, Any] = msgspec.field(default_factory=dict)
+    kv_tokens: PosInt | None = None
+    """KV pool size in tokens. Default: a fraction of free GPU memory on CUDA, 131072 on CPU."""
+    kv_memory_fraction: Fraction = 0.85
+    """Fraction of free device memory (after loading weights) given to KV, on CUDA."""
+    max_batch_tokens: PosInt = 2048
+    """Token budget per step: decode tokens plus prefill chunks."""
+    chunked_prefill_size: PosInt = 512
+    """Largest prefill chunk one request may take in one step."""
+    max_running_requests: PosInt = 256
+    max_model_len: PosInt | None = None
+    """Longest prompt + output; default: the model's ``max_position_embeddings``."""
+    seed: int = 0
+    gc_freeze: bool = True
+    """``gc.freeze()`` after start-up so long-lived objects never get scanned again."""
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        """A validated copy with ``changes`` applied."""
+        return load_config(overrides={**msgspec.to_builtins(self), **changes})
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> EngineConfig:
+    """Build a config from an optional TOML file and explicit overrides (``None`` values skipped).
+
+    TOML may hold the fields at the top level or under an ``[engine]`` table.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        data.update(raw.get("engine", raw))
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(data, EngineConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid engine config: {exc}") from None
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["k=4", "mode=ideal"]`` -> ``{"k": 4, "mode": "ideal"}`` (values parsed as TOML scalars)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"option {pair!r} must look like KEY=VALUE")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,309 @@
+"""The synchronous heart of the engine: admission, KV allocation, preemption, completion.
+
+Pure Python + numpy, no torch and no asyncio, so the step logic is the same in the server, in
+property tests and in the simulator. One step is ``plan_step`` (choose what runs and give it KV
+slots) followed by ``complete_step`` (account what ran, append sampled tokens, cache prefixes,
+finish requests). The async engine runs the model between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from slmserve.cache.kv_pool import KVCacheExhausted, SlotAllocator
+from slmserve.cache.radix import RadixCache
+from slmserve.engine.sequence import Sequence, Status
+from slmserve.interfaces import Scheduler
+from slmserve.types import FinishReason, StepReport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """``n`` tokens of ``seq`` starting at ``start`` run this step, writing KV to ``new_slots``."""
+
+    seq: Sequence
+    start: int
+    n: int
+    new_slots: np.ndarray
+    context: np.ndarray
+    sample: bool
+    """The chunk reaches the end of the sequence: read logits at its last token."""
+
+
+@dataclass(slots=True)
+class StepPlan:
+    now: float
+    items: list[ScheduledSeq] = field(default_factory=list)
+    admitted: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.n for item in self.items)
+
+
+@dataclass(slots=True)
+class CoreLimits:
+    max_batch_tokens: int
+    chunked_prefill_size: int
+    max_running_requests: int
+    max_model_len: int
+
+
+class EngineCore:
+    """Waiting and running requests over one KV pool, one radix cache and one scheduler."""
+
+    def __init__(
+        self,
+        allocator: SlotAllocator,
+        scheduler: Scheduler,
+        limits: CoreLimits,
+        *,
+        on_finish: Callable[[Sequence], None] | None = None,
+    ) -> None:
+        self.allocator = allocator
+        self.cache = RadixCache(allocator)
+        self.scheduler = scheduler
+        self.limits = limits
+        self.on_finish = on_finish
+        self.waiting: dict[str, Sequence] = {}
+        self.running: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    # ---------------------------------------------------------------- requests in and out
+
+    def add(self, seq: Sequence, now: float) -> None:
+        if seq.rid in self.waiting or seq.rid in self.running:
+            raise ValueError(f"request id {seq.rid!r} is already in the engine")
+        seq.status = Status.WAITING
+        self.waiting[seq.rid] = seq
+        self.scheduler.on_arrival(seq.sched, now)
+
+    def abort(self, rid: str) -> Sequence | None:
+        """Remove a request wherever it is; its cached KV stays in the tree, unlocked."""
+        seq = self.waiting.pop(rid, None) or self.running.pop(rid, None)
+        if seq is not None:
+            self._finish(seq, "abort")
+        return seq
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------------- planning
+
+    def plan_step(self, now: float) -> StepPlan:
+        plan = StepPlan(now)
+        budget = self.limits.max_batch_tokens
+        running = list(self.running.values())
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = min(seq.num_pending, self.limits.chunked_prefill_size, budget)
+            slots = self._alloc_or_preempt(n, seq, running, plan)
+            if slots is None:  # ``seq`` itself was preempted
+                break
+            self._schedule(plan, seq, n, slots)
+            budget -= n
+            i += 1
+        if budget > 0 and self.waiting and not plan.preempted:
+            self._admit(plan, budget)
+        return plan
+
+    def _schedule(self, plan: StepPlan, seq: Sequence, n: int, slots: np.ndarray) -> None:
+        start = seq.num_computed
+        context = seq.context_slots(slots)
+        sample = start + n == len(seq.tokens)
+        plan.items.append(ScheduledSeq(seq, start, n, slots, context, sample))
+
+    def _alloc_or_preempt(
+        self, n: int, seq: Sequence, running: list[Sequence], plan: StepPlan
+    ) -> np.ndarray | None:
+        """Slots for ``seq``: evict cached prefixes, then preempt the newest running requests.
+
+        Returns ``None`` when ``seq`` itself had to be preempted. Requests after ``seq`` in
+        ``running`` have not been scheduled this step, so taking them back is safe.
+        """
+        while True:
+            slots = self._try_alloc(n)
+            if slots is not None:
+                return slots
+            victim = running.pop()  # newest first, as vLLM does
+            self._preempt(victim, plan)
+            if victim is seq:
+                return None
+
+    def _try_alloc(self, n: int) -> np.ndarray | None:
+        short = n - self.allocator.num_free
+        if short > 0:
+            self.cache.evict(short)
+        try:
+            return self.allocator.alloc(n)
+        except KVCacheExhausted:
+            return None
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        """Return a running request to the queue; keep its arrival time and generated tokens."""
+        del self.running[seq.rid]
+        self._release(seq)
+        seq.status = Status.WAITING
+        self.waiting[seq.rid] = seq
+        plan.preempted.append(seq.rid)
+        self.num_preemptions += 1
+        self.scheduler.on_arrival(seq.sched, plan.now)
+
+    def _admit(self, plan: StepPlan, budget: int) -> None:
+        matches = {}
+        for seq in self.waiting.values():
+            match = self.cache.match_prefix(seq.key(len(seq.tokens)))
+            # At least one token must run so the request gets logits.
+            seq.sched.matched_len = min(match.length, len(seq.tokens) - 1)
+            matches[seq.rid] = match
+        reserve = len(self.running)  # the next decode token of every running request
+        order = self.scheduler.order([s.sched for s in self.waiting.values()], plan.now)
+        for view in order:
+            if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
+                break
+            seq = self.waiting[view.rid]
+            match = matches[seq.rid]
+            matched = seq.sched.matched_len
+            n = min(len(seq.tokens) - matched, self.limits.chunked_prefill_size, budget)
+            self.cache.lock(match.node)
+            if self.allocator.num_free + self.cache.evictable_size < n + reserve:
+                self.cache.unlock(match.node)
+                break
+            slots = self._try_alloc(n)
+            if slots is None:
+                self.cache.unlock(match.node)
+                break
+            del self.waiting[seq.rid]
+            seq.lock_node = match.node
+            seq.tree_len = matched
+            seq.context_slots(match.slots[:matched])
+            seq.num_computed = matched
+            if not seq.output_ids:
+                seq.num_cached_tokens = matched
+            self.prefix_queries += len(seq.tokens)
+            self.prefix_hits += matched
+            seq.status = Status.RUNNING
+            self.running[seq.rid] = seq
+            plan.admitted.append(seq.rid)
+            self._schedule(plan, seq, n, slots)
+            budget -= n
+            reserve += 1
+
+    # ---------------------------------------------------------------- completion
+
+    def complete_step(self, plan: StepPlan, sampled: dict[str, int]) -> StepReport:
+        """Account for a step whose model run succeeded; ``sampled`` maps rid -> next token."""
+        report = StepReport(now=plan.now, admitted=plan.admitted, preempted=plan.preempted)
+        for item in plan.items:
+            seq = item.seq
+            if seq.status is not Status.RUNNING:
+                continue  # aborted while the model ran: already released
+            seq.num_computed = item.start + item.n
+            prompt_part = max(0, min(seq.num_prompt, seq.num_computed) - item.start)
+            token = sampled.get(seq.rid) if item.sample else None
+            report.computed[seq.rid] = (seq.sched.client_id, prompt_part, int(token is not None))
+            seq.sched.num_computed = seq.num_computed
+            if item.n > 1 or not seq.output_ids:
+                self._cache_prefix(seq)
+            if token is None or seq.params.max_tokens == 0:
+                continue
+            seq.tokens.append(token)
+            seq.output_ids.append(token)
+            seq.sched.num_output = len(seq.output_ids)
+        return report
+
+    def stop_reason(self, seq: Sequence) -> FinishReason | None:
+        """Token-level stop conditions after a step (stop strings are the detokenizer's job)."""
+        params = seq.params
+        if len(seq.output_ids) >= params.max_tokens:
+            return "length"
+        token = seq.output_ids[-1]
+        if (token in seq.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return "stop"
+        if len(seq.tokens) >= self.limits.max_model_len:
+            return "length"
+        return None
+
+    def fail(self, plan: StepPlan, error: str) -> StepReport:
+        """The model run raised: fail every request of the step, keep everything else."""
+        report = StepReport(now=plan.now, admitted=plan.admitted, preempted=plan.preempted)
+        for item in plan.items:
+            seq = item.seq
+            if seq.status is Status.RUNNING:
+                # KV of this step was never written: forget the chunk, free its slots.
+                self.allocator.free(item.new_slots)
+                seq.num_computed = item.start
+                seq.error = error
+                del self.running[seq.rid]
+                self._finish(seq, "error")
+                report.finished.append(seq.rid)
+        return report
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Finish a running request (stop condition met)."""
+        self.running.pop(seq.rid, None)
+        self._finish(seq, reason)
+
+    def _cache_prefix(self, seq: Sequence) -> None:
+        """Insert the computed context so later requests hit it while this one decodes."""
+        n = seq.num_computed
+        if n <= seq.tree_len:
+            return
+        result = self.cache.insert(seq.key(n), seq.slots.copy())
+        seq.set_slots(result.slots)
+        self.cache.lock(result.node)
+        if seq.lock_node is not None:
+            self.cache.unlock(seq.lock_node)
+        seq.lock_node = result.node
+        seq.tree_len = n
+
+    def _release(self, seq: Sequence) -> None:
+        """Give the tree everything computed, drop the lock; the request holds no KV after."""
+        if seq.num_computed > seq.tree_len:
+            self._cache_prefix(seq)
+        if seq.lock_node is not None:
+            self.cache.unlock(seq.lock_node)
+        seq.lock_node = None
+        seq.tree_len = 0
+        seq.num_computed = 0
+        seq.sched.num_computed = 0
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is Status.RUNNING:
+            self._release(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if self.on_finish is not None:
+            self.on_finish(seq)
+
+    # ---------------------------------------------------------------- introspection
+
+    def held_slots(self) -> np.ndarray:
+        """Slots privately held by running requests (for integrity checks)."""
+        parts = [s.slots[s.tree_len :] for s in self.running.values()]
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+    def check_integrity(self) -> None:
+        """Tree slots, private slots and free slots are disjoint and cover the pool."""
+        self.cache.check_integrity()
+        tree = self.cache.tree_slots()
+        private = self.held_slots()
+        free = self.allocator.free_slots()
+        everything = np.concatenate([tree, private, free])
+        if len(everything) != self.allocator.num_slots or len(np.unique(everything)) != len(
+            everything
+        ):
+            raise RuntimeError(
+                f"KV slot accounting broken: tree={len(tree)} private={len(private)} "
+                f"free={len(free)} total={self.allocator.num_slots}"
+            )

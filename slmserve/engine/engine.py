@@ -1,0 +1,542 @@
+"""AsyncEngine: submit requests, stream outputs, one step loop, the model off the event loop.
+
+The loop is deliberately plain: plan a step (pure Python, on the event loop), run the model and
+the sampler in a single worker thread (so HTTP handlers stay responsive while the CPU or GPU
+computes), then complete the step and push outputs to per-request queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from slmserve.config import DEFAULT_CPU_KV_TOKENS, EngineConfig
+from slmserve.engine.core import CoreLimits, EngineCore, StepPlan
+from slmserve.engine.sequence import Sequence as Seq
+from slmserve.engine.sequence import Status
+from slmserve.interfaces import ModelBackend
+from slmserve.plugins import PluginManager
+from slmserve.types import DEFAULT_CLIENT, RequestOutput, SamplingParams, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is not running (not started yet, or shutting down)."""
+
+
+class RequestStream:
+    """Outputs of one request, in order; iteration ends after the finishing output."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+        self._consumed = False
+
+    def put(self, output: RequestOutput) -> None:
+        if self.finished:
+            return
+        self.finished = output.finished
+        self._queue.put_nowait(output)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._consumed:
+            raise StopAsyncIteration
+        output = await self._queue.get()
+        self._consumed = output.finished
+        return output
+
+
+@dataclass
+class StepTimes:
+    """Cumulative seconds per phase of the step loop (for benchmarks and /metrics)."""
+
+    steps: int = 0
+    schedule: float = 0.0
+    batch: float = 0.0
+    forward: float = 0.0
+    sample: float = 0.0
+    output: float = 0.0
+    max_step: float = 0.0
+    tokens: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(vars(self))
+
+
+@dataclass(slots=True)
+class StepResult:
+    sampled: dict[str, int]
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+
+
+class AsyncEngine:
+    """Continuous-batching engine over one model backend.
+
+    Use as ``async with AsyncEngine(EngineConfig(...)) as engine:``; ``generate`` streams
+    :class:`~slmserve.types.RequestOutput` increments for one prompt.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        plugins: PluginManager | None = None,
+        backend: ModelBackend | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.plugins = plugins or PluginManager()
+        # Resolve names once, at start-up: unknown names fail here with the valid choices.
+        self._backend_factory = self.plugins.backends.get(self.config.backend)
+        self.scheduler = self.plugins.schedulers.get(self.config.scheduler)(
+            **self.config.scheduler_options
+        )
+        self.backend: ModelBackend | None = backend
+        self.core: EngineCore | None = None
+        self.kv: Any = None
+        self.times = StepTimes()
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._aborts: set[str] = set()
+        self._ids = itertools.count()
+        self._accepting = False
+        self.num_finished = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._loop_task is not None:
+            return
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="slmserve-model")
+        loop = asyncio.get_running_loop()
+        if self.backend is None:
+            self.backend = await loop.run_in_executor(self._executor, self._load_backend)
+        await loop.run_in_executor(self._executor, self._build_kv)
+        if self.config.gc_freeze:
+            gc.collect()
+            gc.freeze()
+        self._wake = asyncio.Event()
+        self._accepting = True
+        self._loop_task = asyncio.create_task(self._step_loop(), name="slmserve-step-loop")
+        await self._call_hook("slmserve_startup", engine=self)
+        info = self.backend.info
+        log.info(
+            "engine ready: model=%s device=%s dtype=%s kv_tokens=%d scheduler=%s",
+            self.config.model or "demo",
+            info.device,
+            info.dtype,
+            self.kv.num_slots,
+            self.config.scheduler,
+        )
+
+    def _load_backend(self) -> ModelBackend:
+        return self._backend_factory(
+            self.config.model,
+            device=self.config.device,
+            dtype=self.config.dtype,
+            **self.config.backend_options,
+        )
+
+    def _build_kv(self) -> None:
+        import torch
+
+        from slmserve.cache.kv_pool import KVPool
+
+        assert self.backend is not None
+        info = self.backend.info
+        dtype = getattr(torch, info.dtype)
+        device = torch.device(info.device)
+        if self.config.kv_tokens is not None:
+            slots = self.config.kv_tokens
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            slots = KVPool.slots_for_budget(
+                info.kv_layout, dtype, memory_bytes=int(free * self.config.kv_memory_fraction)
+            )
+        else:
+            slots = DEFAULT_CPU_KV_TOKENS
+        self.kv = KVPool(info.kv_layout, slots, dtype=dtype, device=device)
+        max_len = min(self.config.max_model_len or info.max_position_embeddings, slots)
+        limits = CoreLimits(
+            max_batch_tokens=self.config.max_batch_tokens,
+            chunked_prefill_size=self.config.chunked_prefill_size,
+            max_running_requests=self.config.max_running_requests,
+            max_model_len=max_len,
+        )
+        self.core = EngineCore(self.kv.allocator, self.scheduler, limits, on_finish=self._on_finish)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting; let in-flight requests finish within ``timeout``, abort the rest."""
+        if self._loop_task is None:
+            return
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self.core is not None and self.core.has_work() and time.monotonic() < deadline:
+            if self._loop_task.done():
+                break
+            await asyncio.sleep(0.01)
+        if self.core is not None:
+            for rid in list(self.core.waiting) + list(self.core.running):
+                self._aborts.add(rid)
+            self._wake.set()
+            while self.core.has_work() and not self._loop_task.done():
+                await asyncio.sleep(0.005)
+        self._loop_task.cancel()
+        try:
+            await self._loop_task
+        except asyncio.CancelledError:
+            pass
+        self._loop_task = None
+        await self._call_hook("slmserve_shutdown", engine=self)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def __aenter__(self) -> AsyncEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    @property
+    def running(self) -> bool:
+        return self._accepting and self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def tokenizer(self) -> Any:
+        if self.backend is None:
+            raise EngineClosedError("the engine has not been started")
+        return self.backend.tokenizer
+
+    # ---------------------------------------------------------------- requests
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        client_id: str | None = None,
+    ) -> RequestStream:
+        """Queue one request and return the stream of its outputs.
+
+        Raises ``ValueError`` for a prompt the engine can never serve (empty, token ids outside
+        the vocabulary, longer than the model or the KV pool) and :class:`EngineClosedError`
+        when the engine is not running.
+        """
+        if not self.running or self.core is None or self.backend is None:
+            raise EngineClosedError("the engine is not running")
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt)
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.core.waiting or rid in self.core.running:
+            raise ValueError(f"request id {rid!r} is already in use")
+        stream = RequestStream(rid)
+        info = self.backend.info
+        seq = Seq(
+            rid,
+            ids,
+            params,
+            arrival_time=time.monotonic(),
+            client_id=client_id or DEFAULT_CLIENT,
+            eos_ids=frozenset(info.eos_token_ids),
+            detok=self._detokenizer(ids, params),
+            stream=stream,
+        )
+        self.core.add(seq, time.monotonic())
+        self._wake.set()
+        return stream
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        client_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream outputs for one prompt; leaving the loop early aborts the request."""
+        stream = self.submit(prompt, params, request_id=request_id, client_id=client_id)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self.abort(stream.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; it ends with ``finish_reason="abort"`` at the next step boundary."""
+        self._aborts.add(request_id)
+        self._wake.set()
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        assert self.backend is not None and self.core is not None
+        if isinstance(prompt, str):
+            ids = list(self.backend.tokenizer.encode(prompt, add_special_tokens=False))
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = self.backend.info.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if not ids:
+            raise ValueError("prompt is empty")
+        limit = self.core.limits.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the limit is {limit - 1} "
+                f"(max_model_len {limit} leaves room for at least one output token)"
+            )
+        return ids
+
+    def _detokenizer(self, ids: list[int], params: SamplingParams) -> Any:
+        from slmserve.engine.detokenize import IncrementalDetokenizer
+
+        assert self.backend is not None
+        return IncrementalDetokenizer(
+            self.backend.tokenizer,
+            ids,
+            stop=list(params.stop),
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+
+    # ---------------------------------------------------------------- the step loop
+
+    async def _step_loop(self) -> None:
+        assert self.core is not None
+        loop = asyncio.get_running_loop()
+        core = self.core
+        while True:
+            self._apply_aborts()
+            if not core.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            t0 = time.perf_counter()
+            plan = core.plan_step(time.monotonic())
+            t1 = time.perf_counter()
+            self.times.schedule += t1 - t0
+            if not plan.items:
+                self._fail_unschedulable(plan)
+                await asyncio.sleep(0)
+                continue
+            try:
+                result = await loop.run_in_executor(self._executor, self._run_model, plan)
+            except Exception as exc:  # a backend error fails this step's requests only
+                log.exception("model step failed")
+                report = core.fail(plan, f"{type(exc).__name__}: {exc}")
+            else:
+                t2 = time.perf_counter()
+                report = core.complete_step(plan, result.sampled)
+                self._emit(plan, result, report.finished)
+                self.times.output += time.perf_counter() - t2
+            try:
+                self.scheduler.on_step(report)
+            except Exception:
+                log.exception("scheduler %s failed in on_step", self.config.scheduler)
+            step = time.perf_counter() - t0
+            self.times.steps += 1
+            self.times.tokens += plan.num_tokens
+            self.times.max_step = max(self.times.max_step, step)
+            await asyncio.sleep(0)  # let handlers run between steps
+
+    def _fail_unschedulable(self, plan: StepPlan) -> None:
+        """Nothing could run although requests wait: fail the head one instead of spinning."""
+        assert self.core is not None
+        if self.core.running or not self.core.waiting:
+            return
+        rid = next(iter(self.core.waiting))
+        seq = self.core.waiting.pop(rid)
+        seq.error = "request does not fit in the KV cache"
+        self.core._finish(seq, "error")
+
+    def _apply_aborts(self) -> None:
+        assert self.core is not None
+        while self._aborts:
+            self.core.abort(self._aborts.pop())
+
+    def _run_model(self, plan: StepPlan) -> StepResult:
+        """Worker thread: forward, logits, sampling; one device->host copy at the end."""
+        import torch
+
+        from slmserve.engine.batch import build_batch
+
+        assert self.backend is not None
+        t0 = time.perf_counter()
+        device = self.kv.device
+        batch, ranges = build_batch(plan, device)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            hidden = self.backend.forward(batch, self.kv)
+            logits = self.backend.logits(hidden)
+            t2 = time.perf_counter()
+            items = [(it, r) for it, r in zip(plan.items, ranges) if it.sample]
+            result = StepResult({})
+            if items:
+                self._sample(items, logits, result)
+            for it, (first, count) in zip(plan.items, ranges):
+                if it.seq.prompt_logprobs is not None and it.start < it.seq.num_prompt:
+                    self._prompt_logprobs(it, logits[first : first + count], result)
+        self.times.batch += t1 - t0
+        self.times.forward += t2 - t1
+        self.times.sample += time.perf_counter() - t2
+        return result
+
+    @staticmethod
+    def _sample(items: list[Any], logits: Any, result: StepResult) -> None:
+        import torch
+
+        from slmserve.engine.sampler import SamplingBatch, sample
+
+        rows = torch.tensor([r[0] + r[1] - 1 for _, r in items], device=logits.device)
+        seqs = [it.seq for it, _ in items]
+        sbatch = SamplingBatch.build(
+            [s.params for s in seqs],
+            [s.output_ids for s in seqs],
+            [s.tokens[: s.num_prompt] for s in seqs],
+            [len(s.output_ids) for s in seqs],
+            logits.device,
+            logits.shape[-1],
+        )
+        res = sample(logits.index_select(0, rows), sbatch)
+        host = _to_host(res.token_ids, res.logprobs, res.top_ids, res.top_logprobs)
+        result.sampled.update(zip([s.rid for s in seqs], host[0].tolist()))
+        if any(s.logprobs is not None for s in seqs):
+            AsyncEngine._collect_logprobs(seqs, host, result)
+
+    @staticmethod
+    def _collect_logprobs(seqs: list[Seq], host: list[Any], result: StepResult) -> None:
+        ids, lps, top_ids, top_lps = host
+        for i, s in enumerate(seqs):
+            if s.params.logprobs is None:
+                continue
+            k = s.params.logprobs
+            top = []
+            if k and top_ids is not None:
+                top = list(zip(top_ids[i, :k].tolist(), top_lps[i, :k].tolist()))
+            result.logprobs[s.rid] = TokenLogprob(int(ids[i]), float(lps[i]), top)
+
+    @staticmethod
+    def _prompt_logprobs(it: Any, logits: Any, result: StepResult) -> None:
+        import torch
+
+        from slmserve.engine.sampler import prompt_logprobs
+
+        seq = it.seq
+        # Row j scores token start + j + 1; keep rows whose next token is still prompt.
+        end = min(it.start + it.n, seq.num_prompt - 1)
+        count = max(0, end - it.start)
+        if count == 0:
+            return
+        nxt = torch.tensor(seq.tokens[it.start + 1 : it.start + 1 + count], device=logits.device)
+        k = seq.params.prompt_logprobs or 0
+        chosen, top_ids, top_lps = prompt_logprobs(logits[:count], nxt, k)
+        chosen, top_ids, top_lps = _to_host(chosen, top_ids, top_lps)
+        out = []
+        for j in range(count):
+            top = list(zip(top_ids[j].tolist(), top_lps[j].tolist())) if k else []
+            out.append(TokenLogprob(int(nxt[j]), float(chosen[j]), top))
+        result.prompt_logprobs[seq.rid] = out
+
+    # ---------------------------------------------------------------- outputs
+
+    def _emit(self, plan: StepPlan, result: StepResult, finished: list[str]) -> None:
+        assert self.core is not None
+        for item in plan.items:
+            seq = item.seq
+            if seq.status is not Status.RUNNING:
+                continue
+            plp = result.prompt_logprobs.get(seq.rid)
+            if plp is not None and seq.prompt_logprobs is not None:
+                seq.prompt_logprobs.extend(plp)
+            if not item.sample:
+                continue
+            if seq.params.max_tokens == 0:
+                self.core.finish(seq, "length")
+                finished.append(seq.rid)
+                continue
+            token = seq.output_ids[-1]
+            lp = result.logprobs.get(seq.rid)
+            if lp is not None and seq.logprobs is not None:
+                seq.logprobs.append(lp)
+            text, stopped = seq.detok.add([token]) if seq.detok is not None else ("", False)
+            reason = "stop" if stopped else self.core.stop_reason(seq)
+            if reason is not None and not stopped and seq.detok is not None:
+                text += seq.detok.flush()
+            first = len(seq.output_ids) == 1
+            out = RequestOutput(
+                request_id=seq.rid,
+                new_token_ids=[token],
+                new_text=text,
+                finish_reason=reason,
+                num_prompt_tokens=seq.num_prompt,
+                num_cached_tokens=seq.num_cached_tokens,
+                num_output_tokens=len(seq.output_ids),
+                logprobs=[lp] if lp is not None else None,
+                prompt_logprobs=seq.prompt_logprobs if first else None,
+            )
+            seq.stream.put(out)
+            if reason is not None:
+                self.core.finish(seq, reason)
+                finished.append(seq.rid)
+
+    def _on_finish(self, seq: Seq) -> None:
+        """Every request passes here exactly once when it leaves the engine."""
+        self.num_finished += 1
+        if seq.stream is not None and not seq.stream.finished:
+            seq.stream.put(
+                RequestOutput(
+                    request_id=seq.rid,
+                    new_token_ids=[],
+                    new_text="",
+                    finish_reason=seq.finish_reason,
+                    num_prompt_tokens=seq.num_prompt,
+                    num_cached_tokens=seq.num_cached_tokens,
+                    num_output_tokens=len(seq.output_ids),
+                    prompt_logprobs=seq.prompt_logprobs if not seq.output_ids else None,
+                    error=seq.error,
+                )
+            )
+        self.plugins.hook.slmserve_request_finished(
+            engine=self,
+            request_id=seq.rid,
+            info={
+                "finish_reason": seq.finish_reason,
+                "client_id": seq.sched.client_id,
+                "prompt_tokens": seq.num_prompt,
+                "cached_tokens": seq.num_cached_tokens,
+                "output_tokens": len(seq.output_ids),
+                "arrival_time": seq.sched.arrival_time,
+                "finish_time": time.monotonic(),
+            },
+        )
+
+    async def _call_hook(self, name: str, **kwargs: Any) -> None:
+        for result in getattr(self.plugins.hook, name)(**kwargs):
+            if inspect.isawaitable(result):
+                await result
+
+
+def _to_host(*tensors: Any) -> list[Any]:
+    """Copy tensors to the host with one synchronisation (non-blocking copies, then one sync)."""
+    import torch
+
+    out = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
+    if any(t is not None and t.is_cuda for t in tensors):
+        torch.cuda.current_stream().synchronize()
+    return out

@@ -1,0 +1,129 @@
+"""The engine's private state for one request."""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from slmserve.types import FinishReason, SamplingParams, SchedRequest, TokenLogprob
+
+if TYPE_CHECKING:
+    from slmserve.cache.radix import RadixNode
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Tokens, KV slots and progress of one request.
+
+    ``tokens`` is the prompt followed by the generated tokens. The KV of ``tokens[:num_computed]``
+    lives at ``slots[:num_computed]``; the first ``tree_len`` of those slots belong to the radix
+    tree (pinned by ``lock_node``), the rest are private to this request. ``len(tokens) -
+    num_computed`` tokens are pending: the whole uncached prompt before prefill, one token while
+    decoding.
+    """
+
+    __slots__ = (
+        "_key",
+        "_slot_buf",
+        "detok",
+        "eos_ids",
+        "error",
+        "finish_reason",
+        "lock_node",
+        "logprobs",
+        "num_cached_tokens",
+        "num_computed",
+        "num_prompt",
+        "output_ids",
+        "params",
+        "prompt_logprobs",
+        "sched",
+        "status",
+        "stream",
+        "tokens",
+        "tree_len",
+    )
+
+    def __init__(
+        self,
+        rid: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        arrival_time: float,
+        client_id: str,
+        eos_ids: frozenset[int],
+        detok: Any = None,
+        stream: Any = None,
+    ) -> None:
+        self.tokens: list[int] = list(prompt_ids)
+        self.num_prompt = len(prompt_ids)
+        self.params = params
+        self.eos_ids = eos_ids
+        self.detok = detok
+        self.stream = stream
+        self.output_ids: list[int] = []
+        self.status = Status.WAITING
+        self.num_computed = 0
+        self.tree_len = 0
+        self.lock_node: RadixNode | None = None
+        self._slot_buf = np.empty(max(16, len(prompt_ids) + min(params.max_tokens, 64)), np.int64)
+        self._key: np.ndarray | None = None
+        self.num_cached_tokens = 0
+        self.finish_reason: FinishReason | None = None
+        self.error: str | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
+        self.sched = SchedRequest(
+            rid,
+            self.tokens,
+            arrival_time=arrival_time,
+            client_id=client_id,
+            max_new_tokens=params.max_tokens,
+        )
+
+    @property
+    def rid(self) -> str:
+        return self.sched.rid
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def slots(self) -> np.ndarray:
+        """Slots of the computed context (a view)."""
+        return self._slot_buf[: self.num_computed]
+
+    def context_slots(self, new_slots: np.ndarray) -> np.ndarray:
+        """Write ``new_slots`` after the computed context and return the whole context (a view)."""
+        start, end = self.num_computed, self.num_computed + len(new_slots)
+        if end > len(self._slot_buf):
+            grown = np.empty(max(end, 2 * len(self._slot_buf)), np.int64)
+            grown[:start] = self._slot_buf[:start]
+            self._slot_buf = grown
+        self._slot_buf[start:end] = new_slots
+        return self._slot_buf[:end]
+
+    def set_slots(self, slots: np.ndarray) -> None:
+        """Replace the leading slots (after an insert hands back the tree's copies)."""
+        self._slot_buf[: len(slots)] = slots
+
+    def key(self, length: int | None = None) -> np.ndarray:
+        """The first ``length`` (default: computed) tokens as int64, the radix tree's key type.
+
+        The array is rebuilt only when tokens were appended since the last call, so the
+        per-step prefix refresh of waiting requests does not convert lists again and again.
+        """
+        if self._key is None or len(self._key) != len(self.tokens):
+            self._key = np.asarray(self.tokens, np.int64)
+        return self._key[: self.num_computed if length is None else length]

@@ -1,0 +1,1 @@
+"""Built-in scheduler plugins, one policy per module."""

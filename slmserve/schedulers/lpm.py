@@ -1,0 +1,213 @@
+"""Longest prefix match (LPM), as SGLang's ``--schedule-policy lpm`` does it, or idealised.
+
+LPM admits the waiting request with the longest cached prefix first: that request is the cheapest
+to prefill, and taking requests in that order keeps a hot subtree of the radix cache busy while
+it is resident. The engine refreshes ``matched_len`` every round, so the key is never stale.
+
+SGLang adds two heuristics that matter for a faithful reproduction (``mode="sglang"``):
+
+* **Queue-length fallback**: with more than ``fallback_queue_len`` (128) waiting requests the
+  round is plain FCFS, because matching and sorting a long queue was too slow (SGLang PR #1896).
+  Under overload "SGLang LPM" therefore *is* FCFS.
+* **In-batch de-prioritisation**: when several waiting requests share a prefix that is not yet
+  cached, admitting them together computes the prefix once per request. Only the first keeps its
+  place; a request whose ``matched_len <= check_threshold`` and whose first
+  ``in_batch_threshold`` tokens equal those of an earlier kept candidate goes to the back, so it
+  hits the cache next round.
+
+``mode="ideal"`` turns both off: the order is exactly ``(-matched_len, arrival_time, rid)``.
+
+This module also holds the few helpers the other built-in policies share (sort keys, option
+checks, per-client token tallies), so each policy module stays one screen long.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from operator import attrgetter
+from typing import Any
+
+from slmserve.hookspecs import hookimpl
+from slmserve.interfaces import Scheduler
+from slmserve.plugins import Registry
+from slmserve.types import SchedRequest, StepReport
+
+SGLANG_FALLBACK_QUEUE_LEN = 128
+"""SGLang switches LPM to FCFS above this many waiting requests."""
+SGLANG_IN_BATCH_THRESHOLD = 32
+"""``IN_BATCH_PREFIX_CACHING_DEPRIORITIZE_THRESHOLD``: shared leading tokens that count."""
+SGLANG_CHECK_THRESHOLD = 32
+"""``IN_BATCH_PREFIX_CACHING_CHECK_THRESHOLD``: only requests matching at most this are checked."""
+
+fcfs_key = attrgetter("arrival_time", "rid")
+"""Arrival order with a deterministic tie-break; a C-level key, so sorting 8k requests is fast."""
+
+
+def lpm_sorted(waiting: Sequence[SchedRequest]) -> list[SchedRequest]:
+    """Requests by ``(-matched_len, arrival_time, rid)``.
+
+    Two stable sorts with C-level keys instead of one Python lambda: ``sorted(reverse=True)``
+    keeps equal keys in their original order, so ties stay in arrival order. About 3x faster
+    than a tuple-building lambda at 8k requests.
+    """
+    by_arrival = sorted(waiting, key=fcfs_key)
+    return sorted(by_arrival, key=attrgetter("matched_len"), reverse=True)
+
+
+# ---------------------------------------------------------------------------- option checks
+
+
+def int_option(name: str, value: Any, *, minimum: int) -> int:
+    """An integer option (``"4"`` from ``--scheduler-opt`` is accepted); errors name it."""
+    error = ValueError(f"scheduler option {name!r} must be an integer, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise error from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error
+    if value < minimum:
+        raise ValueError(f"scheduler option {name!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def number_option(
+    name: str, value: Any, *, minimum: float = 0.0, strict: bool = False, finite: bool = True
+) -> float:
+    """A real-valued option (numeric strings accepted); ``strict`` excludes the minimum."""
+    error = ValueError(f"scheduler option {name!r} must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise error from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise error
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"scheduler option {name!r} must be finite, got {value}")
+    if value < minimum or (strict and value == minimum):
+        bound = ">" if strict else ">="
+        raise ValueError(f"scheduler option {name!r} must be {bound} {minimum}, got {value}")
+    return value
+
+
+def choice_option(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"scheduler option {name!r} must be one of {choices}, got {value!r}")
+    return str(value)
+
+
+class ClientTally:
+    """Raw per-client token counts (prompt tokens computed, output tokens), for ``stats()``."""
+
+    def __init__(self) -> None:
+        self.prompt: defaultdict[str, float] = defaultdict(float)
+        self.output: defaultdict[str, float] = defaultdict(float)
+
+    def add(self, report: StepReport) -> None:
+        for client, prompt_tokens, output_tokens in report.computed.values():
+            self.prompt[client] += prompt_tokens
+            self.output[client] += output_tokens
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {"prompt_tokens": dict(self.prompt), "output_tokens": dict(self.output)}
+
+
+# ---------------------------------------------------------------------------- the policy
+
+_UNSET: Any = object()
+
+
+class LPM(Scheduler):
+    """Longest prefix match first (SGLang's heuristics optional)."""
+
+    name = "lpm"
+
+    def __init__(
+        self,
+        *,
+        mode: str = "sglang",
+        fallback_queue_len: int | None = _UNSET,
+        in_batch_threshold: int | None = _UNSET,
+        check_threshold: int = SGLANG_CHECK_THRESHOLD,
+    ) -> None:
+        """``mode`` sets the defaults; an explicit option overrides them.
+
+        :param mode: ``"sglang"`` (fallback 128, in-batch threshold 32) or ``"ideal"`` (neither).
+        :param fallback_queue_len: above this many waiting requests the round is FCFS;
+            ``0``/``None`` disables the fallback.
+        :param in_batch_threshold: shared leading tokens that de-prioritise a request;
+            ``0``/``None`` disables in-batch de-prioritisation.
+        :param check_threshold: only requests with ``matched_len`` at most this are checked.
+        """
+        self.mode = choice_option("mode", mode, ("sglang", "ideal"))
+        sglang = self.mode == "sglang"
+        if fallback_queue_len is _UNSET:
+            fallback_queue_len = SGLANG_FALLBACK_QUEUE_LEN if sglang else None
+        if in_batch_threshold is _UNSET:
+            in_batch_threshold = SGLANG_IN_BATCH_THRESHOLD if sglang else None
+        self.fallback_queue_len = _zero_is_off("fallback_queue_len", fallback_queue_len)
+        self.in_batch_threshold = _zero_is_off("in_batch_threshold", in_batch_threshold)
+        self.check_threshold = int_option("check_threshold", check_threshold, minimum=0)
+        self._tally = ClientTally()
+        self.fallback_rounds = 0
+        """Rounds served in FCFS order because the queue was longer than the fallback."""
+
+    def order(self, waiting: Sequence[SchedRequest], now: float) -> list[SchedRequest]:
+        if self.fallback_queue_len is not None and len(waiting) > self.fallback_queue_len:
+            self.fallback_rounds += 1
+            return sorted(waiting, key=fcfs_key)
+        ranked = lpm_sorted(waiting)
+        if self.in_batch_threshold is None:
+            return ranked
+        return deprioritize_in_batch(ranked, self.in_batch_threshold, self.check_threshold)
+
+    def on_step(self, report: StepReport) -> None:
+        self._tally.add(report)
+
+    def stats(self) -> Mapping[str, Mapping[str, float]]:
+        return self._tally.stats()
+
+
+def _zero_is_off(name: str, value: Any) -> int | None:
+    """A non-negative int option where ``0`` or ``None`` means "feature off"."""
+    if value is None:
+        return None
+    return int_option(name, value, minimum=0) or None
+
+
+def deprioritize_in_batch(
+    ranked: list[SchedRequest], threshold: int, check_threshold: int
+) -> list[SchedRequest]:
+    """Move requests that would recompute a peer's uncached prefix behind everyone else.
+
+    SGLang inserts each kept candidate into a throw-away radix tree and asks whether a later
+    candidate matches at least ``threshold`` tokens of it. "Shares at least ``threshold``
+    leading tokens" is the same as "has the same first ``threshold`` tokens", so a set of
+    ``threshold``-token tuples answers it exactly, in O(threshold) per candidate.
+
+    Candidates are visited in LPM order (SGLang visits its queue order), so the request kept is
+    the one admitted first anyway; the others keep their relative LPM order at the back.
+    """
+    seen: set[tuple[int, ...]] = set()
+    kept: list[SchedRequest] = []
+    moved: list[SchedRequest] = []
+    for r in ranked:
+        if r.matched_len <= check_threshold and len(r.tokens) >= threshold:
+            head = tuple(r.tokens[:threshold])
+            if head in seen:
+                moved.append(r)
+                continue
+            seen.add(head)
+        kept.append(r)
+    kept.extend(moved)
+    return kept
+
+
+@hookimpl
+def slmserve_register_schedulers(registry: Registry) -> None:
+    registry.add(LPM.name, LPM, description="longest prefix match first (SGLang LPM)")
