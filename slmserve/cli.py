@@ -32,9 +32,7 @@ def add_engine_args(parser: argparse.ArgumentParser, plugins: PluginManager) -> 
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--scheduler", choices=plugins.schedulers.names())
-    g.add_argument(
-        "--scheduler-opt", action="append", metavar="KEY=VALUE", help="scheduler option"
-    )
+    g.add_argument("--scheduler-opt", action="append", metavar="KEY=VALUE", help="scheduler option")
     g.add_argument("--kv-tokens", type=int, help="KV cache size in tokens")
     g.add_argument("--max-batch-tokens", type=int, help="token budget per step")
     g.add_argument("--chunked-prefill-size", type=int, help="largest prefill chunk per request")

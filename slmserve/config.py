@@ -6,11 +6,16 @@ CLI flag, a Python keyword — produces the same message naming the field.
 
 from __future__ import annotations
 
-import tomllib
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 Fraction = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
@@ -55,7 +60,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return load_config(overrides={**msgspec.to_builtins(self), **changes})
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> EngineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> EngineConfig:
     """Build a config from an optional TOML file and explicit overrides (``None`` values skipped).
 
     TOML may hold the fields at the top level or under an ``[engine]`` table.
@@ -77,7 +84,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    """``["k=4", "mode=ideal"]`` -> ``{"k": 4, "mode": "ideal"}`` (values parsed as TOML scalars)."""
+    """``["k=4", "mode=ideal"]`` -> ``{"k": 4, "mode": "ideal"}`` (values read as TOML)."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")

@@ -36,6 +36,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slmserve.schedulers.vtc",
     "slmserve.schedulers.dlpm",
     "slmserve.models.native",
+    "slmserve.models.null",
 )
 """Modules registered as plugins before any third-party one, through the same hooks."""
 

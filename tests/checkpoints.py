@@ -62,9 +62,7 @@ def hf_config(kind: Kind, **overrides: Any) -> Any:
     return cls(**kwargs)
 
 
-def build_checkpoint(
-    kind: Kind, path: str | Path, *, seed: int = 0, **overrides: Any
-) -> Path:
+def build_checkpoint(kind: Kind, path: str | Path, *, seed: int = 0, **overrides: Any) -> Path:
     """Write a tiny seeded random ``kind`` model (fp32) and the byte tokenizer into ``path``.
 
     ``overrides`` go into the transformers config (e.g. ``rope_parameters``,

@@ -75,6 +75,7 @@ class EngineCore:
         self.waiting: dict[str, Sequence] = {}
         self.running: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        self.num_evicted_tokens = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -143,7 +144,7 @@ class EngineCore:
     def _try_alloc(self, n: int) -> np.ndarray | None:
         short = n - self.allocator.num_free
         if short > 0:
-            self.cache.evict(short)
+            self.num_evicted_tokens += self.cache.evict(short)
         try:
             return self.allocator.alloc(n)
         except KVCacheExhausted:

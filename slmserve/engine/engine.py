@@ -8,6 +8,7 @@ computes), then complete the step and push outputs to per-request queues.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import itertools
@@ -111,6 +112,7 @@ class AsyncEngine:
         self._executor: ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
         self._aborts: set[str] = set()
         self._ids = itertools.count()
         self._accepting = False
@@ -130,6 +132,7 @@ class AsyncEngine:
             gc.collect()
             gc.freeze()
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
         self._accepting = True
         self._loop_task = asyncio.create_task(self._step_loop(), name="slmserve-step-loop")
         await self._call_hook("slmserve_startup", engine=self)
@@ -184,27 +187,29 @@ class AsyncEngine:
         if self._loop_task is None:
             return
         self._accepting = False
-        deadline = time.monotonic() + timeout
-        while self.core is not None and self.core.has_work() and time.monotonic() < deadline:
-            if self._loop_task.done():
-                break
-            await asyncio.sleep(0.01)
-        if self.core is not None:
-            for rid in list(self.core.waiting) + list(self.core.running):
-                self._aborts.add(rid)
+        if not await self._wait_idle(timeout) and self.core is not None:
+            self._aborts.update(self.core.waiting)
+            self._aborts.update(self.core.running)
             self._wake.set()
-            while self.core.has_work() and not self._loop_task.done():
-                await asyncio.sleep(0.005)
+            await self._wait_idle(None)  # aborts apply at the next step boundary
         self._loop_task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._loop_task
-        except asyncio.CancelledError:
-            pass
         self._loop_task = None
         await self._call_hook("slmserve_shutdown", engine=self)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+    async def _wait_idle(self, timeout: float | None) -> bool:
+        """Wait until the loop has no work (or died); False on timeout."""
+        assert self._loop_task is not None
+        idle = asyncio.ensure_future(self._idle.wait())
+        done, _ = await asyncio.wait(
+            {idle, self._loop_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        idle.cancel()
+        return bool(done)
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()
@@ -318,15 +323,43 @@ class AsyncEngine:
     # ---------------------------------------------------------------- the step loop
 
     async def _step_loop(self) -> None:
+        """Run steps until cancelled; a bug that escapes a step fails every request loudly."""
         assert self.core is not None
+        try:
+            await self._steps(self.core)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.exception("engine step loop crashed; failing all requests")
+            self._accepting = False
+            self._fail_everything(f"engine failure: {type(exc).__name__}: {exc}")
+            raise
+
+    def _fail_everything(self, error: str) -> None:
+        assert self.core is not None
+        for seq in [*self.core.waiting.values(), *self.core.running.values()]:
+            seq.error = error
+            if seq.stream is not None:
+                seq.stream.put(
+                    RequestOutput(
+                        request_id=seq.rid,
+                        new_token_ids=[],
+                        new_text="",
+                        finish_reason="error",
+                        error=error,
+                    )
+                )
+
+    async def _steps(self, core: EngineCore) -> None:
         loop = asyncio.get_running_loop()
-        core = self.core
         while True:
             self._apply_aborts()
             if not core.has_work():
+                self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            self._idle.clear()
             t0 = time.perf_counter()
             plan = core.plan_step(time.monotonic())
             t1 = time.perf_counter()
@@ -408,7 +441,8 @@ class AsyncEngine:
         sbatch = SamplingBatch.build(
             [s.params for s in seqs],
             [s.output_ids for s in seqs],
-            [s.tokens[: s.num_prompt] for s in seqs],
+            # Prompt ids matter only for the repetition penalty.
+            [s.tokens[: s.num_prompt] if s.params.repetition_penalty != 1.0 else [] for s in seqs],
             [len(s.output_ids) for s in seqs],
             logits.device,
             logits.shape[-1],
@@ -443,14 +477,15 @@ class AsyncEngine:
         count = max(0, end - it.start)
         if count == 0:
             return
-        nxt = torch.tensor(seq.tokens[it.start + 1 : it.start + 1 + count], device=logits.device)
+        next_ids = seq.tokens[it.start + 1 : it.start + 1 + count]
+        nxt = torch.tensor(next_ids, device=logits.device)
         k = seq.params.prompt_logprobs or 0
         chosen, top_ids, top_lps = prompt_logprobs(logits[:count], nxt, k)
         chosen, top_ids, top_lps = _to_host(chosen, top_ids, top_lps)
         out = []
         for j in range(count):
             top = list(zip(top_ids[j].tolist(), top_lps[j].tolist())) if k else []
-            out.append(TokenLogprob(int(nxt[j]), float(chosen[j]), top))
+            out.append(TokenLogprob(next_ids[j], float(chosen[j]), top))
         result.prompt_logprobs[seq.rid] = out
 
     # ---------------------------------------------------------------- outputs

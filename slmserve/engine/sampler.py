@@ -195,17 +195,25 @@ class SamplingBatch:
                 log_min_p = torch.tensor([p.min_p for p in sp], dtype=torch.float32).log()
                 log_min_p = log_min_p.to(dev, non_blocking=True)
 
+        # Occurrence tables list only the rows that use them (the others stay all-zero),
+        # which keeps this per-step Python work proportional to the penalised rows.
         rep = seen = pres = freq = counts = None
         if any(p.repetition_penalty != 1.0 for p in params):
             rep = tensor([p.repetition_penalty for p in params], torch.float32)
-            history = output_ids
-            if prompt_ids is not None:
-                history = [list(chain(a, b)) for a, b in zip(prompt_ids, output_ids)]
+            history: list[Sequence[int]] = []
+            for i, (p, out) in enumerate(zip(params, output_ids)):
+                if p.repetition_penalty == 1.0:
+                    history.append(())
+                else:
+                    history.append(out if prompt_ids is None else [*prompt_ids[i], *out])
             seen = _occurrences(history, vocab_size, dev) > 0
         if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
             pres = tensor([p.presence_penalty for p in params], torch.float32)
             freq = tensor([p.frequency_penalty for p in params], torch.float32)
-            counts = _occurrences(output_ids, vocab_size, dev)
+            used = [p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params]
+            counts = _occurrences(
+                [out if u else () for out, u in zip(output_ids, used)], vocab_size, dev
+            )
 
         return cls(
             size=n,
@@ -260,8 +268,9 @@ def _apply_penalties(x: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 def _truncate(x: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """Mask (to ``-inf``) what top-k, top-p and min-p cut, for the sampling rows ``x``.
 
-    Each filter becomes one per-row logit threshold, so a single sort serves top-k and top-p
-    and no scatter back to vocab order is needed. Ties at a threshold are all kept.
+    Each filter becomes one per-row logit threshold, so one sort (or a ``topk`` for top-k
+    alone) serves every row and nothing is scattered back to vocab order. Ties at a threshold
+    are all kept.
     Top-p is applied to the top-k-renormalised distribution (vLLM / HF order); min-p compares
     with the most likely token, which truncation above never removes, so it needs no sort.
     """
@@ -277,8 +286,7 @@ def _truncate(x: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
             sorted_x = sorted_x.masked_fill(sorted_x < keep_above, -_INF)
         probs = sorted_x.softmax(dim=-1)
         # Mass strictly before each token; shifting keeps it monotone, unlike cumsum - p.
-        before = torch.zeros_like(probs)
-        torch.cumsum(probs[:, :-1], dim=-1, out=before[:, 1:])
+        before = torch.nn.functional.pad(probs[:, :-1].cumsum(dim=-1), (1, 0))
         n_keep = (before < b.top_p[:, None]).sum(dim=-1, keepdim=True)  # >= 1: before[0]=0
         thr_p = sorted_x.gather(1, n_keep - 1)
         keep_above = thr_p if keep_above is None else torch.maximum(keep_above, thr_p)
@@ -298,7 +306,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         raise ValueError(f"logits on {logits.device} but batch on {batch.greedy.device}")
     x = _apply_penalties(logits.float(), batch)
     if batch.temperature is not None:
-        pass
+        x = x / batch.temperature[:, None]
     lse = torch.logsumexp(x, dim=-1)
 
     if batch.sample_rows is None:

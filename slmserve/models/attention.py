@@ -101,7 +101,7 @@ def attend(
     :param v_pool: same for values.
     :returns: ``[T, heads, head_dim]``.
     """
-    num_tokens, heads, head_dim = q.shape
+    heads, head_dim = q.shape[1:]
     kv_heads = k_pool.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
@@ -125,7 +125,7 @@ def attend(
 
 
 def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``[ctx, kv_heads, D]`` -> ``[heads, ctx, D]``; query head ``h`` uses kv head ``h // group``."""
+    """``[ctx, kv_heads, D]`` -> ``[heads, ctx, D]``; query head h reads kv head h // group."""
     x = x.transpose(0, 1)
     if group == 1:
         return x

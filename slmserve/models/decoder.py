@@ -72,7 +72,9 @@ class DecoderConfig:
             )
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"unsupported hidden_act {act!r}; the native decoder runs SwiGLU (silu)")
+            raise ValueError(
+                f"unsupported hidden_act {act!r}; the native decoder runs SwiGLU (silu)"
+            )
         if cfg.get("use_sliding_window"):
             raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
         hidden = int(cfg["hidden_size"])
@@ -222,7 +224,7 @@ class Decoder(nn.Module):
             return self.model.embed_tokens.weight
         return self.lm_head.weight
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:  # type: ignore[override]
         """Hidden states ``[L, hidden]`` (after the final norm) at ``batch.logit_indices``."""
         plan = plan_attention(batch)
@@ -249,7 +251,7 @@ class Decoder(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.norm(h)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def logits(self, hidden: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits ``[L, V]``, or ``[L, len(vocab_ids)]`` from only those LM-head rows.
 

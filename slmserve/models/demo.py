@@ -85,9 +85,7 @@ def build_byte_tokenizer() -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(
-        [AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS]
-    )
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
     return tok
 
 
@@ -170,10 +168,12 @@ def ensure_demo_model(path: str | Path | None = None) -> Path:
         write_demo_model(tmp)
         try:
             os.replace(tmp, final)
-        except OSError:
+        except OSError as e:
             # Another process won the race (the target is now a non-empty directory).
             if not (final / "config.json").is_file():
-                raise
+                raise FileExistsError(
+                    f"{final} exists but holds no demo model (no config.json); remove it"
+                ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -135,8 +135,8 @@ def load_state(files: list[Path], device: torch.device, dtype: torch.dtype) -> d
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as fh:
             for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                t = fh.get_tensor(key)
-                state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+                t = fh.get_tensor(key).to(device)  # cast on the device: faster on a GPU
+                state[key] = t.to(dtype) if t.is_floating_point() else t
     return state
 
 

@@ -25,6 +25,8 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     types, as transformers does.
     """
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "full_attention" in params and "rope_type" not in params:  # nested per layer type
+        params = dict(params["full_attention"])
     params.setdefault("rope_type", params.pop("type", "default"))
     params.setdefault("rope_theta", config.get("rope_theta", DEFAULT_THETA))
     if params["rope_type"] in ("llama3", "yarn"):

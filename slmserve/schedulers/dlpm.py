@@ -19,6 +19,12 @@ Our reading of the parts the notes leave open (the paper's Algorithm 1 was not a
 * **No banking**: a client seen with no waiting requests keeps no positive credit
   (``q := min(q, 0)``), as classic DRR resets an emptied flow. Debt is kept, so work a client
   received while it was running but not waiting still counts against it.
+* **Activation**: a client whose queue goes from empty to non-empty gets one quantum,
+  ``q := min(q, 0) + Q``, like a flow that DRR appends to its active list and serves when its
+  turn comes. Without this a newcomer would wait until every other client spent its quantum,
+  forever when ``Q = inf``, and ``Q -> inf`` would not be LPM. Leftover credit is dropped on
+  idling and debt is kept, so an idle/return cycle buys at most one quantum, what a
+  backlogged client gets per refill.
 * **Rounds**: the engine admits a prefix of our order, so ``order`` simulates the admission
   loop with tentative deficits (including the refills a long batch would trigger) and commits
   nothing; real deficits change by the reported charges in ``on_step`` and by refills at the
@@ -37,7 +43,7 @@ from typing import Any
 from slmserve.hookspecs import hookimpl
 from slmserve.interfaces import Scheduler
 from slmserve.plugins import Registry
-from slmserve.schedulers.lpm import ClientTally, lpm_sorted, number_option
+from slmserve.schedulers.lpm import ClientTally, WaitingIndex, lpm_sorted, number_option
 from slmserve.types import SchedRequest, StepReport
 
 DEFAULT_QUANTUM = 2048.0
@@ -74,8 +80,19 @@ class DLPM(Scheduler):
         self.deficits: dict[str, float] = {}
         self.refills = 0
         """Refill events so far (each may add several quanta at once)."""
+        self._waiting = WaitingIndex()
         self._service: defaultdict[str, float] = defaultdict(float)
         self._tally = ClientTally()
+
+    def _activate(self, client: str) -> None:
+        self.deficits[client] = min(self.deficits.get(client, 0.0), 0.0) + self.quantum
+
+    def _idle(self, client: str) -> None:
+        self.deficits[client] = min(self.deficits.get(client, 0.0), 0.0)
+
+    def on_arrival(self, request: SchedRequest, now: float) -> None:
+        if self._waiting.add(request):
+            self._activate(request.client_id)
 
     def _cost(self, r: SchedRequest) -> float:
         return self.input_price * (r.prompt_len - r.matched_len)
@@ -90,13 +107,12 @@ class DLPM(Scheduler):
         queues: dict[str, list[int]] = {}
         for i, r in enumerate(ranked):
             queues.setdefault(r.client_id, []).append(i)
-        # Commit what is real: no banking by clients with nothing waiting, and the refill
-        # the previous rounds' charges made necessary.
-        for c, q in self.deficits.items():
-            if c not in queues and q > 0:
-                self.deficits[c] = 0.0
-        for c in queues:
-            self.deficits.setdefault(c, 0.0)
+        appeared, vanished = self._waiting.resync(waiting)
+        for c in appeared:
+            self._activate(c)
+        for c in vanished:
+            self._idle(c)
+        # The refill the previous rounds' charges made due, committed now.
         if queues and all(self.deficits[c] <= 0 for c in queues):
             self._refill(self.deficits, list(queues))
             self.refills += 1
@@ -129,6 +145,11 @@ class DLPM(Scheduler):
             cost = self.input_price * prompt_tokens + self.output_price * output_tokens
             self.deficits[client] = self.deficits.get(client, 0.0) - cost
             self._service[client] += cost
+        # Charge first, then drop leftover credit of clients whose queue just emptied.
+        for rid in (*report.admitted, *report.finished):
+            left = self._waiting.remove(rid)
+            if left is not None and left[2]:
+                self._idle(left[0])
 
     def stats(self) -> Mapping[str, Mapping[str, float]]:
         return {

@@ -117,6 +117,57 @@ class ClientTally:
         return {"prompt_tokens": dict(self.prompt), "output_tokens": dict(self.output)}
 
 
+class WaitingIndex:
+    """Which requests each client has waiting, kept up to date from the scheduler callbacks.
+
+    Fair policies act when a client's queue *becomes* empty or non-empty (VTC's lift, DLPM's
+    activation and no-banking). That has to be seen when it happens: the engine does not call
+    ``order`` while nothing waits, so comparing one ``order`` call with the next misses idle
+    periods. Stores each request's input length on arrival, because the engine's token list
+    grows as the request decodes.
+    """
+
+    def __init__(self) -> None:
+        self.queues: dict[str, dict[str, int]] = {}
+        self.client_of: dict[str, str] = {}
+
+    def add(self, r: SchedRequest) -> bool:
+        """Record a waiting request; True if its client had nothing waiting before."""
+        queue = self.queues.setdefault(r.client_id, {})
+        was_empty = not queue
+        queue[r.rid] = r.prompt_len
+        self.client_of[r.rid] = r.client_id
+        return was_empty
+
+    def remove(self, rid: str) -> tuple[str, int, bool] | None:
+        """Forget a request that left the queue: ``(client, input length, queue now empty)``."""
+        client = self.client_of.pop(rid, None)
+        if client is None:
+            return None
+        queue = self.queues[client]
+        length = queue.pop(rid, 0)
+        return client, length, not queue
+
+    def backlogged(self) -> set[str]:
+        return {c for c, q in self.queues.items() if q}
+
+    def resync(self, waiting: Sequence[SchedRequest]) -> tuple[set[str], set[str]]:
+        """Adopt the engine's queue as the truth; return the clients that (appeared, vanished).
+
+        Requests aborted while waiting may never be reported. O(n), and a no-op when the index
+        already agrees, which is the normal case.
+        """
+        known = self.client_of
+        if len(waiting) == len(known) and all(r.rid in known for r in waiting):
+            return set(), set()
+        before = self.backlogged()
+        self.queues, self.client_of = {}, {}
+        for r in waiting:
+            self.add(r)
+        after = self.backlogged()
+        return after - before, before - after
+
+
 # ---------------------------------------------------------------------------- the policy
 
 _UNSET: Any = object()

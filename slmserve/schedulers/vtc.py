@@ -28,13 +28,19 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from slmserve.hookspecs import hookimpl
 from slmserve.interfaces import Scheduler
 from slmserve.plugins import Registry
-from slmserve.schedulers.lpm import ClientTally, choice_option, fcfs_key, number_option
+from slmserve.schedulers.lpm import (
+    ClientTally,
+    WaitingIndex,
+    choice_option,
+    fcfs_key,
+    number_option,
+)
 from slmserve.types import SchedRequest, StepReport
 
 
@@ -76,9 +82,7 @@ class VTC(Scheduler):
         self.input_charge = choice_option("input_charge", input_charge, ("full", "computed"))
         self.counters: dict[str, float] = {}
         self._service: defaultdict[str, float] = defaultdict(float)
-        self._waiting: dict[str, dict[str, SchedRequest]] = {}
-        """client -> rid -> request, for the lift rule and the full-input charge."""
-        self._client_of: dict[str, str] = {}
+        self._waiting = WaitingIndex()
         self._tally = ClientTally()
 
     def _weight(self, client: str) -> float:
@@ -88,28 +92,25 @@ class VTC(Scheduler):
         tokens = r.prompt_len if self.input_charge == "full" else r.prompt_len - r.matched_len
         return self.input_price * tokens
 
-    def on_arrival(self, request: SchedRequest, now: float) -> None:
-        client = request.client_id
-        queue = self._waiting.setdefault(client, {})
-        self.counters.setdefault(client, 0.0)
-        if not queue:
-            others = [self.counters[c] for c, q in self._waiting.items() if q and c != client]
-            if others:
-                self.counters[client] = max(self.counters[client], min(others))
-        queue[request.rid] = request
-        self._client_of[request.rid] = client
+    def _lift(self, client: str, backlogged: Iterable[str]) -> None:
+        """``c_u := max(c_u, min of the other backlogged clients' counters)``."""
+        others = [self.counters.get(c, 0.0) for c in backlogged if c != client]
+        own = self.counters.setdefault(client, 0.0)
+        if others:
+            self.counters[client] = max(own, min(others))
 
-    def _forget(self, rid: str) -> SchedRequest | None:
-        client = self._client_of.pop(rid, None)
-        if client is None:
-            return None
-        return self._waiting[client].pop(rid, None)
+    def on_arrival(self, request: SchedRequest, now: float) -> None:
+        if self._waiting.add(request):
+            self._lift(request.client_id, self._waiting.backlogged())
 
     def order(self, waiting: Sequence[SchedRequest], now: float) -> list[SchedRequest]:
+        appeared, _ = self._waiting.resync(waiting)
+        backlogged = self._waiting.backlogged() - appeared
+        for client in sorted(appeared):
+            self._lift(client, backlogged)
         queues: dict[str, list[SchedRequest]] = {}
         for r in sorted(waiting, key=fcfs_key):
             queues.setdefault(r.client_id, []).append(r)
-        self._resync(queues)
         heads = dict.fromkeys(queues, 0)
         heap = [(self.counters.get(c, 0.0), fcfs_key(q[0]), c) for c, q in queues.items()]
         heapq.heapify(heap)
@@ -125,30 +126,15 @@ class VTC(Scheduler):
                 heapq.heappush(heap, (counter, fcfs_key(queue[heads[client]]), client))
         return out
 
-    def _resync(self, queues: Mapping[str, list[SchedRequest]]) -> None:
-        """Make the lift rule's view of who is waiting match the engine's queue.
-
-        Requests aborted while waiting may never show up in a report; the waiting list handed
-        to ``order`` is the truth. O(n), cheaper than the sort before it.
-        """
-        known = self._client_of
-        n = sum(len(q) for q in queues.values())
-        if n == len(known) and all(r.rid in known for q in queues.values() for r in q):
-            return
-        self._waiting = {c: {r.rid: r for r in q} for c, q in queues.items()}
-        self._client_of = {r.rid: c for c, q in queues.items() for r in q}
-        for client in queues:
-            self.counters.setdefault(client, 0.0)
-
     def on_step(self, report: StepReport) -> None:
         self._tally.add(report)
         full = self.input_charge == "full"
         for rid in report.admitted:
-            r = self._forget(rid)
-            if full and r is not None:
-                self._charge(r.client_id, self.input_price * r.prompt_len)
+            left = self._waiting.remove(rid)
+            if full and left is not None:
+                self._charge(left[0], self.input_price * left[1])
         for rid in report.finished:
-            self._forget(rid)
+            self._waiting.remove(rid)
         for client, prompt_tokens, output_tokens in report.computed.values():
             cost = self.output_price * output_tokens
             if not full:

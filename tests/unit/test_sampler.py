@@ -392,6 +392,11 @@ def test_result_dtypes() -> None:
     assert res.top_logprobs is not None and res.top_logprobs.dtype == torch.float32
 
 
+def test_empty_batch() -> None:
+    res = run(torch.zeros(0, V), [])
+    assert res.token_ids.shape == (0,) and res.logprobs.shape == (0,)
+
+
 # --- prompt logprobs ----------------------------------------------------------------------
 
 

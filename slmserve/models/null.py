@@ -1,0 +1,78 @@
+"""The ``null`` backend: logits without a model, to measure the engine's own overhead.
+
+It keeps the whole engine path real — batching, KV slot bookkeeping, the radix cache, the
+scheduler, sampling over a real vocabulary, detokenization, streaming — and replaces only the
+forward pass with a constant-time stand-in: the logit row of each position puts all mass on
+``(input token + 1) mod vocab``, so greedy decoding counts upwards. Never use it to serve.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slmserve.hookspecs import hookimpl
+from slmserve.interfaces import ForwardBatch, ModelBackend, ModelInfo
+from slmserve.plugins import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from slmserve.cache.kv_pool import KVPool
+
+
+class NullBackend(ModelBackend):
+    """Constant-time fake forward pass over a real tokenizer."""
+
+    name = "null"
+
+    def __init__(self, tokenizer: Any, *, max_len: int = 32768) -> None:
+        import torch
+
+        self.tokenizer = tokenizer
+        vocab = len(tokenizer)
+        self.info = ModelInfo(
+            architecture="NullBackend",
+            num_layers=1,
+            hidden_size=1,
+            vocab_size=vocab,
+            kv_layout=[(1, 1)],
+            max_position_embeddings=max_len,
+            eos_token_ids=[],
+            dtype="float32",
+            device="cpu",
+            description="no model: constant-time logits for measuring engine overhead",
+            random_weights=True,
+        )
+        self._eye = torch.arange(vocab)
+
+    def forward(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
+        # "Hidden state" = the input token id at each requested position.
+        return batch.input_ids.index_select(0, batch.logit_indices).unsqueeze(1)
+
+    def logits(self, hidden: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+        vocab = self._eye if vocab_ids is None else vocab_ids
+        nxt = (hidden + 1) % self.info.vocab_size
+        return (vocab.unsqueeze(0) == nxt).float()
+
+
+def null_backend(
+    model_path: str | Path | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    **options: Any,
+) -> NullBackend:
+    """No model: constant-time logits, for measuring engine overhead."""
+    from slmserve.models.demo import ensure_demo_model
+    from slmserve.models.loader import load_tokenizer
+
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"the null backend runs on the CPU only, not {device!r}")
+    path = ensure_demo_model() if model_path in (None, "demo") else Path(model_path)
+    return NullBackend(load_tokenizer(path), **options)
+
+
+@hookimpl
+def slmserve_register_backends(registry: Registry) -> None:
+    registry.add("null", null_backend, description="no model: constant logits (overhead benchmark)")
