@@ -33,15 +33,15 @@ import numpy as np
 # Let `python benchmarks/scheduler_round.py` work from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slmserve.cache.kv_pool import SlotAllocator  # noqa: E402
-from slmserve.cache.radix import RadixCache  # noqa: E402
-from slmserve.interfaces import Scheduler  # noqa: E402
-from slmserve.schedulers.dlpm import DLPM  # noqa: E402
-from slmserve.schedulers.fcfs import FCFS  # noqa: E402
-from slmserve.schedulers.klpm import KLPM  # noqa: E402
-from slmserve.schedulers.lpm import LPM  # noqa: E402
-from slmserve.schedulers.vtc import VTC  # noqa: E402
-from slmserve.types import SchedRequest, StepReport  # noqa: E402
+from slmserve.cache.kv_pool import SlotAllocator
+from slmserve.cache.radix import RadixCache
+from slmserve.interfaces import Scheduler
+from slmserve.schedulers.dlpm import DLPM
+from slmserve.schedulers.fcfs import FCFS
+from slmserve.schedulers.klpm import KLPM
+from slmserve.schedulers.lpm import LPM
+from slmserve.schedulers.vtc import VTC
+from slmserve.types import SchedRequest, StepReport
 
 VOCAB = 151_936
 GROUPS, SYSTEM_LEN, CLIENTS, ADMIT = 64, 256, 8, 16
@@ -89,7 +89,7 @@ class Workload:
         r = SchedRequest(
             f"r{self.count:07d}",
             tokens.tolist(),
-            arrival_time=now,
+            arrival_time=now + self.count * 1e-6,  # distinct, like time.monotonic()
             client_id=f"c{int(rng.integers(CLIENTS))}",
             max_new_tokens=64,
         )

@@ -164,8 +164,10 @@ class EngineCore:
         matches = {}
         for seq in self.waiting.values():
             match = self.cache.match_prefix(seq.key(len(seq.tokens)))
-            # At least one token must run so the request gets logits.
-            seq.sched.matched_len = min(match.length, len(seq.tokens) - 1)
+            # At least one token must run so the request gets logits; a request that wants
+            # prompt log-probabilities must compute its whole prompt (cached KV has no logits).
+            usable = 0 if seq.prompt_logprobs is not None else len(seq.tokens) - 1
+            seq.sched.matched_len = min(match.length, usable)
             matches[seq.rid] = match
         reserve = len(self.running)  # the next decode token of every running request
         order = self.scheduler.order([s.sched for s in self.waiting.values()], plan.now)

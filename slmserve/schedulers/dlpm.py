@@ -94,49 +94,65 @@ class DLPM(Scheduler):
         if self._waiting.add(request):
             self._activate(request.client_id)
 
-    def _cost(self, r: SchedRequest) -> float:
-        return self.input_price * (r.prompt_len - r.matched_len)
-
-    def _refill(self, deficits: dict[str, float], clients: Sequence[str]) -> None:
-        m = refills_needed([deficits[c] for c in clients], self.quantum)
-        for c in clients:
-            deficits[c] += m * self.quantum
-
     def order(self, waiting: Sequence[SchedRequest], now: float) -> list[SchedRequest]:
-        ranked = lpm_sorted(waiting)
-        queues: dict[str, list[int]] = {}
-        for i, r in enumerate(ranked):
-            queues.setdefault(r.client_id, []).append(i)
         appeared, vanished = self._waiting.resync(waiting)
         for c in appeared:
             self._activate(c)
         for c in vanished:
             self._idle(c)
+        ranked = lpm_sorted(waiting)
+        clients: dict[str, int] = {}
+        owner = [clients.setdefault(r.client_id, len(clients)) for r in ranked]
+        queues: list[list[int]] = [[] for _ in clients]
+        for pos, ci in enumerate(owner):
+            queues[ci].append(pos)
         # The refill the previous rounds' charges made due, committed now.
-        if queues and all(self.deficits[c] <= 0 for c in queues):
-            self._refill(self.deficits, list(queues))
+        if clients and all(self.deficits[c] <= 0 for c in clients):
+            m = refills_needed([self.deficits[c] for c in clients], self.quantum)
+            for c in clients:
+                self.deficits[c] += m * self.quantum
             self.refills += 1
-        # Simulate the admission loop on a copy: pop the LPM-best request of an eligible client.
-        tentative = {c: self.deficits[c] for c in queues}
-        heads = dict.fromkeys(queues, 0)
-        heap = [(q[0], c) for c, q in queues.items() if tentative[c] > 0]
-        heapq.heapify(heap)
-        out: list[SchedRequest] = []
+        return [ranked[pos] for pos in self._simulate(ranked, owner, queues, list(clients))]
+
+    def _simulate(
+        self,
+        ranked: list[SchedRequest],
+        owner: list[int],
+        queues: list[list[int]],
+        clients: list[str],
+    ) -> list[int]:
+        """The admission loop on tentative deficits: positions in ``ranked``, in order.
+
+        A heap holds each eligible client's best remaining position; since each client's
+        positions are already in LPM order, the heap top is the LPM-best eligible request.
+        O(n log #clients), with a closed-form refill when the heap runs dry.
+        """
+        price = self.input_price
+        cost = [price * (len(r.tokens) - r.matched_len) for r in ranked]
+        tentative = [self.deficits[c] for c in clients]
+        heads = [0] * len(clients)
+        heap: list[int] = []
+        out: list[int] = []
         while len(out) < len(ranked):
             if not heap:  # nobody eligible but requests remain: DRR refill
-                backlogged = [c for c, q in queues.items() if heads[c] < len(q)]
-                self._refill(tentative, backlogged)
-                heap = [(queues[c][heads[c]], c) for c in backlogged if tentative[c] > 0]
+                backlogged = [ci for ci, q in enumerate(queues) if heads[ci] < len(q)]
+                if all(tentative[ci] <= 0 for ci in backlogged):
+                    m = refills_needed([tentative[ci] for ci in backlogged], self.quantum)
+                    for ci in backlogged:
+                        tentative[ci] += m * self.quantum
+                heap = [queues[ci][heads[ci]] for ci in backlogged if tentative[ci] > 0]
                 heapq.heapify(heap)
                 continue
-            i, client = heapq.heappop(heap)
-            r = ranked[i]
-            out.append(r)
-            tentative[client] -= self._cost(r)
-            heads[client] += 1
-            queue = queues[client]
-            if heads[client] < len(queue) and tentative[client] > 0:
-                heapq.heappush(heap, (queue[heads[client]], client))
+            pos = heap[0]
+            ci = owner[pos]
+            out.append(pos)
+            left = tentative[ci] = tentative[ci] - cost[pos]
+            head = heads[ci] = heads[ci] + 1
+            queue = queues[ci]
+            if head < len(queue) and left > 0:
+                heapq.heapreplace(heap, queue[head])
+            else:
+                heapq.heappop(heap)
         return out
 
     def on_step(self, report: StepReport) -> None:

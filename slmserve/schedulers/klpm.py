@@ -25,7 +25,7 @@ from typing import Any
 from slmserve.hookspecs import hookimpl
 from slmserve.interfaces import Scheduler
 from slmserve.plugins import Registry
-from slmserve.schedulers.lpm import ClientTally, choice_option, fcfs_key, int_option
+from slmserve.schedulers.lpm import ClientTally, choice_option, fcfs_sorted, int_option
 from slmserve.types import SchedRequest, StepReport
 
 
@@ -47,7 +47,7 @@ class KLPM(Scheduler):
         self._tally = ClientTally()
 
     def order(self, waiting: Sequence[SchedRequest], now: float) -> list[SchedRequest]:
-        fcfs = sorted(waiting, key=fcfs_key)
+        fcfs = fcfs_sorted(waiting)
         n = len(fcfs)
         if self.k == 1 or n <= 1:
             return fcfs

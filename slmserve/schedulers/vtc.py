@@ -38,7 +38,7 @@ from slmserve.schedulers.lpm import (
     ClientTally,
     WaitingIndex,
     choice_option,
-    fcfs_key,
+    fcfs_sorted,
     number_option,
 )
 from slmserve.types import SchedRequest, StepReport
@@ -88,10 +88,6 @@ class VTC(Scheduler):
     def _weight(self, client: str) -> float:
         return self.weights.get(client, 1.0)
 
-    def _input_cost(self, r: SchedRequest) -> float:
-        tokens = r.prompt_len if self.input_charge == "full" else r.prompt_len - r.matched_len
-        return self.input_price * tokens
-
     def _lift(self, client: str, backlogged: Iterable[str]) -> None:
         """``c_u := max(c_u, min of the other backlogged clients' counters)``."""
         others = [self.counters.get(c, 0.0) for c in backlogged if c != client]
@@ -108,22 +104,33 @@ class VTC(Scheduler):
         backlogged = self._waiting.backlogged() - appeared
         for client in sorted(appeared):
             self._lift(client, backlogged)
-        queues: dict[str, list[SchedRequest]] = {}
-        for r in sorted(waiting, key=fcfs_key):
-            queues.setdefault(r.client_id, []).append(r)
-        heads = dict.fromkeys(queues, 0)
-        heap = [(self.counters.get(c, 0.0), fcfs_key(q[0]), c) for c, q in queues.items()]
+        fcfs = fcfs_sorted(waiting)
+        clients: dict[str, int] = {}
+        owner = [clients.setdefault(r.client_id, len(clients)) for r in fcfs]
+        queues: list[list[int]] = [[] for _ in clients]
+        for pos, ci in enumerate(owner):
+            queues[ci].append(pos)
+        # What admitting each request adds to its client's counter (what on_step will charge).
+        scale = [self.input_price / self._weight(c) for c in clients]
+        if self.input_charge == "full":
+            cost = [scale[ci] * len(r.tokens) for r, ci in zip(fcfs, owner)]
+        else:
+            cost = [scale[ci] * (len(r.tokens) - r.matched_len) for r, ci in zip(fcfs, owner)]
+        # Heap of (tentative counter, FCFS rank of the client's head, client): the least
+        # counter first, ties to the client whose oldest waiting request is oldest.
+        heads = [0] * len(clients)
+        heap = [(self.counters.get(c, 0.0), queues[ci][0], ci) for c, ci in clients.items()]
         heapq.heapify(heap)
         out: list[SchedRequest] = []
         while heap:
-            counter, _, client = heapq.heappop(heap)
-            queue = queues[client]
-            r = queue[heads[client]]
-            out.append(r)
-            heads[client] += 1
-            if heads[client] < len(queue):
-                counter += self._input_cost(r) / self._weight(client)
-                heapq.heappush(heap, (counter, fcfs_key(queue[heads[client]]), client))
+            counter, pos, ci = heap[0]
+            out.append(fcfs[pos])
+            head = heads[ci] = heads[ci] + 1
+            queue = queues[ci]
+            if head < len(queue):
+                heapq.heapreplace(heap, (counter + cost[pos], queue[head], ci))
+            else:
+                heapq.heappop(heap)
         return out
 
     def on_step(self, report: StepReport) -> None:
