@@ -27,8 +27,8 @@ import numpy as np
 # Let `python benchmarks/radix_cache.py` work from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slmserve.cache.kv_pool import SlotAllocator  # noqa: E402
-from slmserve.cache.radix import RadixCache  # noqa: E402
+from slmserve.cache.kv_pool import SlotAllocator
+from slmserve.cache.radix import RadixCache
 
 VOCAB = 151_936
 OPS = ("match", "lock", "alloc", "insert", "unlock", "evict")

@@ -154,6 +154,48 @@ def cmd_generate(args: argparse.Namespace, plugins: PluginManager) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------- serve
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """Server flags; unset ones fall back to the ``[server]`` table of ``--config``."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    g.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    g.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (default: $SLMSERVE_API_KEY)"
+    )
+    g.add_argument("--served-model-name", help="the model name clients send (default: demo)")
+    g.add_argument("--max-waiting-requests", type=int, help="queue bound; beyond it: HTTP 429")
+    g.add_argument("--max-body-bytes", type=int, help="largest request body; beyond it: 413")
+    g.add_argument("--shutdown-timeout", type=float, help="seconds to drain on SIGTERM")
+    g.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto")
+    g.add_argument("--access-log", action="store_true", default=None, help="log every request")
+
+
+def cmd_serve(args: argparse.Namespace, plugins: PluginManager) -> int:
+    from slmserve.engine import AsyncEngine
+    from slmserve.server.config import load_server_config
+    from slmserve.server.runner import serve
+
+    config = engine_config(args)
+    if args.max_waiting_requests is not None:
+        config = config.replace(max_waiting_requests=args.max_waiting_requests)
+    server = load_server_config(
+        args.config,
+        {
+            "host": args.host,
+            "port": args.port,
+            "api_key": args.api_key,
+            "served_model_name": args.served_model_name,
+            "max_body_bytes": args.max_body_bytes,
+            "shutdown_timeout": args.shutdown_timeout,
+            "access_log": args.access_log,
+        },
+    )
+    return serve(AsyncEngine(config, plugins=plugins), server, loop=args.loop)
+
+
 # -------------------------------------------------------------------------- main
 
 
@@ -183,6 +225,11 @@ def build_parser(plugins: PluginManager) -> tuple[argparse.ArgumentParser, dict[
     p.add_argument("--ignore-eos", action="store_true")
     add_engine_args(p, plugins)
     handlers["generate"] = cmd_generate
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_serve_args(p)
+    add_engine_args(p, plugins)
+    handlers["serve"] = cmd_serve
     return parser, handlers
 
 

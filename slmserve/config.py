@@ -49,6 +49,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     chunked_prefill_size: PosInt = 512
     """Largest prefill chunk one request may take in one step."""
     max_running_requests: PosInt = 256
+    max_waiting_requests: PosInt = 4096
+    """Bound on the waiting queue; ``submit`` raises ``QueueFullError`` beyond it."""
     max_model_len: PosInt | None = None
     """Longest prompt + output; default: the model's ``max_position_embeddings``."""
     seed: int = 0

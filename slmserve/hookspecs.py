@@ -101,7 +101,9 @@ def slmserve_request_finished(engine: Any, request_id: str, info: dict[str, Any]
     :param engine: the engine.
     :param request_id: the request's id.
     :param info: ``finish_reason``, ``client_id``, ``prompt_tokens``, ``cached_tokens``,
-        ``output_tokens``, ``arrival_time``, ``finish_time`` (``time.monotonic()``).
+        ``output_tokens``, ``arrival_time``, ``first_scheduled_time``, ``first_token_time``,
+        ``finish_time`` (``time.monotonic()`` values; the middle two are ``None`` if never
+        reached).
     """
 
 

@@ -181,6 +181,8 @@ class RadixCache:
         The caller's slots for the already-present prefix that differ from the tree's are
         returned to the allocator (the tree keeps its own copy of that KV); slots equal to the
         tree's (reused from a match) are left alone. The unmatched tail becomes one new leaf.
+        If the allocator rejects a duplicate (a caller bug), its ``ValueError`` propagates and
+        the tree's content and LRU order are unchanged.
         """
         tokens = _as_tokens(tokens)
         slots = np.asarray(slots, dtype=np.int64)
@@ -193,7 +195,7 @@ class RadixCache:
         now = self._clock
         tb = tokens.tobytes()
         node, pos = self.root, 0
-        pieces: list[np.ndarray] = []
+        path: list[RadixNode] = []
         while pos < n:
             child = node.children.get(int(tokens[pos]))
             if child is None:
@@ -201,26 +203,27 @@ class RadixCache:
             k = self._common_len(child, tokens, tb, pos)
             if k < len(child.key):
                 child = self._split(child, k)
-            child.last_access = now
-            pieces.append(child.slots)
+            path.append(child)
             node = child
             pos += k
         prefix_len = pos
+        tree_slots = _concat([nd.slots for nd in path])
+        if prefix_len:
+            # Before touching anything: if the allocator rejects the caller's duplicates, the
+            # tree has only been split (which changes neither content nor LRU order).
+            theirs = slots[:prefix_len]
+            if theirs.tobytes() != tree_slots.tobytes():
+                self.allocator.free(theirs[theirs != tree_slots])
+        for nd in path:
+            nd.last_access = now
         if pos < n:
-            leaf = RadixNode(
-                _frozen(tokens[pos:]), _frozen(slots[pos:]), node, last_access=now
-            )
+            leaf = RadixNode(_frozen(tokens[pos:]), _frozen(slots[pos:]), node, last_access=now)
             node.children[int(tokens[pos])] = leaf
             self._evictable.pop(node, None)  # no longer a leaf
             self._evictable_size += n - pos
-            pieces.append(leaf.slots)
+            tree_slots = np.concatenate([tree_slots, leaf.slots]) if pos else leaf.slots
             node = leaf
-        tree_slots = _concat(pieces)
-        if prefix_len:
-            theirs, ours = slots[:prefix_len], tree_slots[:prefix_len]
-            if theirs.tobytes() != ours.tobytes():
-                self.allocator.free(theirs[theirs != ours])
-        # The walk touched every node on the path; only the last one can be a leaf.
+        # Of the touched nodes only the last can be a leaf: give it a fresh heap entry.
         self._note_if_evictable(node)
         return InsertResult(prefix_len, node, tree_slots)
 

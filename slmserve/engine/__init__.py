@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from slmserve.engine.engine import AsyncEngine, EngineClosedError, RequestStream
+from slmserve.engine.engine import AsyncEngine, EngineClosedError, QueueFullError, RequestStream
 from slmserve.types import GenerationResult, RequestOutput, SamplingParams
 
-__all__ = ["AsyncEngine", "Engine", "EngineClosedError", "RequestStream", "collect"]
+__all__ = [
+    "AsyncEngine",
+    "Engine",
+    "EngineClosedError",
+    "QueueFullError",
+    "RequestStream",
+    "collect",
+]
 
 
 async def collect(stream: RequestStream | object) -> GenerationResult:

@@ -78,6 +78,8 @@ class EngineCore:
         self.num_evicted_tokens = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.prompt_tokens_computed = 0
+        self.generation_tokens = 0
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -191,6 +193,8 @@ class EngineCore:
             seq.tree_len = matched
             seq.context_slots(match.slots[:matched])
             seq.num_computed = matched
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = plan.now
             if not seq.output_ids:
                 seq.num_cached_tokens = matched
             self.prefix_queries += len(seq.tokens)
@@ -215,6 +219,7 @@ class EngineCore:
             prompt_part = max(0, min(seq.num_prompt, seq.num_computed) - item.start)
             token = sampled.get(seq.rid) if item.sample else None
             report.computed[seq.rid] = (seq.sched.client_id, prompt_part, int(token is not None))
+            self.prompt_tokens_computed += prompt_part
             seq.sched.num_computed = seq.num_computed
             if item.n > 1 or not seq.output_ids:
                 self._cache_prefix(seq)
@@ -222,6 +227,9 @@ class EngineCore:
                 continue
             seq.tokens.append(token)
             seq.output_ids.append(token)
+            self.generation_tokens += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = plan.now
             seq.sched.num_output = len(seq.output_ids)
         return report
 

@@ -34,6 +34,10 @@ class EngineClosedError(RuntimeError):
     """The engine is not running (not started yet, or shutting down)."""
 
 
+class QueueFullError(RuntimeError):
+    """The waiting queue is at ``max_waiting_requests``; retry later (HTTP 429)."""
+
+
 class RequestStream:
     """Outputs of one request, in order; iteration ends after the finishing output."""
 
@@ -246,6 +250,11 @@ class AsyncEngine:
         """
         if not self.running or self.core is None or self.backend is None:
             raise EngineClosedError("the engine is not running")
+        if len(self.core.waiting) >= self.config.max_waiting_requests:
+            raise QueueFullError(
+                f"{len(self.core.waiting)} requests are waiting "
+                f"(max_waiting_requests={self.config.max_waiting_requests}); retry later"
+            )
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
         rid = request_id or f"req-{next(self._ids)}"
@@ -557,9 +566,33 @@ class AsyncEngine:
                 "cached_tokens": seq.num_cached_tokens,
                 "output_tokens": len(seq.output_ids),
                 "arrival_time": seq.sched.arrival_time,
+                "first_scheduled_time": seq.first_scheduled_time,
+                "first_token_time": seq.first_token_time,
                 "finish_time": time.monotonic(),
             },
         )
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges for metrics endpoints (cheap: no tree walk)."""
+        core = self.core
+        if core is None:
+            return {}
+        return {
+            "requests_running": len(core.running),
+            "requests_waiting": len(core.waiting),
+            "kv_slots_total": core.allocator.num_slots,
+            "kv_slots_free": core.allocator.num_free,
+            "kv_slots_cached": core.cache.total_size,
+            "kv_usage": 1.0 - core.allocator.num_free / core.allocator.num_slots,
+            "prefix_cache_queries": core.prefix_queries,
+            "prefix_cache_hits": core.prefix_hits,
+            "prompt_tokens": core.prompt_tokens_computed,
+            "generation_tokens": core.generation_tokens,
+            "preemptions": core.num_preemptions,
+            "evicted_tokens": core.num_evicted_tokens,
+            "requests_finished": self.num_finished,
+            "scheduler": self.scheduler.stats(),
+        }
 
     async def _call_hook(self, name: str, **kwargs: Any) -> None:
         for result in getattr(self.plugins.hook, name)(**kwargs):

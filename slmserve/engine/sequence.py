@@ -36,6 +36,8 @@ class Sequence:
         "eos_ids",
         "error",
         "finish_reason",
+        "first_scheduled_time",
+        "first_token_time",
         "lock_node",
         "logprobs",
         "num_cached_tokens",
@@ -78,6 +80,8 @@ class Sequence:
         self._key: np.ndarray | None = None
         self.num_cached_tokens = 0
         self.finish_reason: FinishReason | None = None
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
         self.error: str | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprob | None] | None = (

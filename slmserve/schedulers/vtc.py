@@ -38,6 +38,7 @@ from slmserve.schedulers.lpm import (
     ClientTally,
     WaitingIndex,
     choice_option,
+    client_queues,
     fcfs_sorted,
     number_option,
 )
@@ -105,11 +106,7 @@ class VTC(Scheduler):
         for client in sorted(appeared):
             self._lift(client, backlogged)
         fcfs = fcfs_sorted(waiting)
-        clients: dict[str, int] = {}
-        owner = [clients.setdefault(r.client_id, len(clients)) for r in fcfs]
-        queues: list[list[int]] = [[] for _ in clients]
-        for pos, ci in enumerate(owner):
-            queues[ci].append(pos)
+        clients, owner, queues = client_queues(fcfs)
         # What admitting each request adds to its client's counter (what on_step will charge).
         scale = [self.input_price / self._weight(c) for c in clients]
         if self.input_charge == "full":

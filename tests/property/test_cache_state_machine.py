@@ -111,9 +111,7 @@ class CacheMachine(RuleBasedStateMachine):
         # LRU: nothing evicted was used after any unlocked leaf that survived.
         evicted = [t for node, t in times.items() if node.parent is None]
         survivors = [
-            node.last_access
-            for node in nodes_of(cache)
-            if node.lock_ref == 0 and not node.children
+            node.last_access for node in nodes_of(cache) if node.lock_ref == 0 and not node.children
         ]
         if evicted and survivors:
             assert max(evicted) <= min(survivors)

@@ -9,9 +9,8 @@ from slmserve.cache.kv_pool import SlotAllocator
 from slmserve.cache.radix import InsertResult, MatchResult, RadixCache, RadixNode
 
 
-def make(num_slots: int = 64) -> tuple[SlotAllocator, RadixCache]:
-    alloc = SlotAllocator(num_slots)
-    return alloc, RadixCache(alloc)
+def make(num_slots: int = 64) -> RadixCache:
+    return RadixCache(SlotAllocator(num_slots))
 
 
 def put(cache: RadixCache, tokens: list[int]) -> InsertResult:
@@ -38,7 +37,7 @@ def snapshot(cache: RadixCache) -> list[tuple]:
 
 
 def test_empty_cache() -> None:
-    alloc, cache = make()
+    cache = make()
     m = cache.match_prefix([1, 2, 3])
     assert isinstance(m, MatchResult)
     assert (m.length, m.node, m.slots.tolist()) == (0, cache.root, [])
@@ -50,7 +49,7 @@ def test_empty_cache() -> None:
 
 
 def test_insert_empty_sequence_is_a_noop() -> None:
-    alloc, cache = make()
+    cache = make()
     r = cache.insert([], [])
     assert (r.prefix_len, r.node, r.slots.tolist()) == (0, cache.root, [])
     assert cache.total_size == 0
@@ -58,7 +57,8 @@ def test_insert_empty_sequence_is_a_noop() -> None:
 
 
 def test_insert_then_match_prefixes() -> None:
-    alloc, cache = make()
+    cache = make()
+    alloc = cache.allocator
     slots = alloc.alloc(5)
     r = cache.insert(np.array([1, 2, 3, 4, 5]), slots)
     assert r.prefix_len == 0
@@ -74,7 +74,8 @@ def test_insert_then_match_prefixes() -> None:
 
 
 def test_accepts_lists_and_numpy_ints() -> None:
-    alloc, cache = make()
+    cache = make()
+    alloc = cache.allocator
     slots = alloc.alloc(2)
     cache.insert([np.int32(7), 8], slots.tolist())
     assert cache.match_prefix((7, 8)).slots.tolist() == slots.tolist()
@@ -82,7 +83,7 @@ def test_accepts_lists_and_numpy_ints() -> None:
 
 
 def test_match_result_across_several_nodes_concatenates_slots() -> None:
-    alloc, cache = make()
+    cache = make()
     a = put(cache, [1, 2, 3])
     b = put(cache, [1, 2, 3, 4, 5])
     c = put(cache, [1, 2, 3, 4, 5, 6])
@@ -94,7 +95,7 @@ def test_match_result_across_several_nodes_concatenates_slots() -> None:
 
 
 def test_match_prefix_does_not_mutate() -> None:
-    alloc, cache = make()
+    cache = make()
     put(cache, [1, 2, 3, 4])
     put(cache, [1, 2, 7])
     before = snapshot(cache)
@@ -104,7 +105,7 @@ def test_match_prefix_does_not_mutate() -> None:
 
 
 def test_partial_edge_match_returns_the_partly_matched_node() -> None:
-    alloc, cache = make()
+    cache = make()
     r = put(cache, [1, 2, 3, 4, 5])
     m = cache.match_prefix([1, 2, 3, 9])
     assert m.length == 3
@@ -118,7 +119,8 @@ def test_partial_edge_match_returns_the_partly_matched_node() -> None:
 
 
 def test_returned_slots_are_read_only_and_tree_copies_inputs() -> None:
-    alloc, cache = make()
+    cache = make()
+    alloc = cache.allocator
     tokens = np.array([1, 2, 3])
     slots = alloc.alloc(3)
     r = cache.insert(tokens, slots)
@@ -138,7 +140,7 @@ def test_returned_slots_are_read_only_and_tree_copies_inputs() -> None:
 
 
 def test_insert_rejects_mismatched_slots_and_bad_shapes() -> None:
-    alloc, cache = make()
+    cache = make()
     with pytest.raises(ValueError, match="one slot per token"):
         cache.insert([1, 2, 3], [0, 1])
     with pytest.raises(ValueError, match="one slot per token"):
@@ -151,7 +153,7 @@ def test_insert_rejects_mismatched_slots_and_bad_shapes() -> None:
 
 
 def test_split_keeps_handles_valid_and_copies_lock_and_time() -> None:
-    alloc, cache = make()
+    cache = make()
     r = put(cache, [1, 2, 3, 4, 5])
     leaf = r.node
     cache.lock(leaf)
@@ -176,7 +178,7 @@ def test_split_keeps_handles_valid_and_copies_lock_and_time() -> None:
 
 
 def test_split_of_unlocked_node_takes_its_time() -> None:
-    alloc, cache = make()
+    cache = make()
     r = put(cache, [1, 2, 3, 4])
     t = r.node.last_access
     top = cache._split(r.node, 2)
@@ -185,7 +187,8 @@ def test_split_of_unlocked_node_takes_its_time() -> None:
 
 
 def test_insert_of_present_sequence_adds_nothing() -> None:
-    alloc, cache = make()
+    cache = make()
+    alloc = cache.allocator
     r = put(cache, [1, 2, 3, 4])
     free = alloc.num_free
     again = cache.insert([1, 2, 3, 4], r.slots)
@@ -197,7 +200,7 @@ def test_insert_of_present_sequence_adds_nothing() -> None:
 
 
 def test_insert_ending_inside_an_edge_splits_so_node_ends_there() -> None:
-    alloc, cache = make()
+    cache = make()
     r = put(cache, [1, 2, 3, 4])
     sub = cache.insert([1, 2], r.slots[:2])
     assert sub.prefix_len == 2
@@ -208,7 +211,8 @@ def test_insert_ending_inside_an_edge_splits_so_node_ends_there() -> None:
 
 
 def test_insert_frees_duplicate_slots_of_the_cached_prefix() -> None:
-    alloc, cache = make(16)
+    cache = make(16)
+    alloc = cache.allocator
     first = put(cache, [1, 2, 3, 4])
     # A second request computed the same prompt with private slots (no reuse).
     private = alloc.alloc(5)
@@ -223,7 +227,8 @@ def test_insert_frees_duplicate_slots_of_the_cached_prefix() -> None:
 
 
 def test_insert_frees_only_the_slots_that_differ() -> None:
-    alloc, cache = make(16)
+    cache = make(16)
+    alloc = cache.allocator
     put(cache, [1, 2])
     m = cache.match_prefix([1, 2, 3, 4])  # reuses 2 slots, computes 2 privately
     cache.lock(m.node)
@@ -239,8 +244,21 @@ def test_insert_frees_only_the_slots_that_differ() -> None:
     cache.check_integrity()
 
 
+def test_insert_with_a_bad_duplicate_raises_and_adds_nothing() -> None:
+    cache = make(16)
+    alloc = cache.allocator
+    first = put(cache, [1, 2])
+    never_allocated = alloc.free_slots()[-1]
+    tail = alloc.alloc(1)
+    with pytest.raises(ValueError, match="double free"):
+        cache.insert([1, 2, 3], [never_allocated, first.slots[1], tail[0]])
+    assert cache.total_size == 2
+    assert cache.match_prefix([1, 2, 3]).length == 2
+    cache.check_integrity()
+
+
 def test_insert_under_a_locked_leaf_adds_an_unlocked_leaf() -> None:
-    alloc, cache = make()
+    cache = make()
     r = put(cache, [1, 2])
     cache.lock(r.node)
     r2 = put(cache, [1, 2, 3])
@@ -255,7 +273,7 @@ def test_insert_under_a_locked_leaf_adds_an_unlocked_leaf() -> None:
 
 
 def test_lock_moves_tokens_between_evictable_and_protected() -> None:
-    alloc, cache = make()
+    cache = make()
     put(cache, [1, 2, 3])
     r = put(cache, [1, 2, 3, 4, 5])
     cache.lock(r.node)
@@ -270,7 +288,7 @@ def test_lock_moves_tokens_between_evictable_and_protected() -> None:
 
 
 def test_lock_on_a_child_pins_the_parent_too() -> None:
-    alloc, cache = make()
+    cache = make()
     a = put(cache, [1, 2])
     b = put(cache, [1, 2, 3])
     c = put(cache, [1, 2, 4])
@@ -283,7 +301,7 @@ def test_lock_on_a_child_pins_the_parent_too() -> None:
 
 
 def test_unlock_underflow_raises() -> None:
-    alloc, cache = make()
+    cache = make()
     r = put(cache, [1, 2])
     with pytest.raises(ValueError, match="not locked"):
         cache.unlock(r.node)
@@ -296,7 +314,7 @@ def test_unlock_underflow_raises() -> None:
 
 
 def test_root_lock_and_unlock_are_noops() -> None:
-    alloc, cache = make()
+    cache = make()
     cache.lock(cache.root)
     cache.unlock(cache.root)
     cache.unlock(cache.root)
@@ -305,7 +323,7 @@ def test_root_lock_and_unlock_are_noops() -> None:
 
 
 def test_locking_an_evicted_node_raises() -> None:
-    alloc, cache = make()
+    cache = make()
     r = put(cache, [1, 2])
     assert cache.evict(2) == 2
     with pytest.raises(ValueError, match="evicted"):
@@ -316,7 +334,7 @@ def test_locking_an_evicted_node_raises() -> None:
 
 
 def test_lock_touches_the_path() -> None:
-    alloc, cache = make()
+    cache = make()
     r = put(cache, [1, 2, 3])
     t0 = r.node.last_access
     cache.lock(r.node)
@@ -328,7 +346,7 @@ def test_lock_touches_the_path() -> None:
 
 
 def test_evict_is_lru_by_insert() -> None:
-    alloc, cache = make()
+    cache = make()
     a, b, c = put(cache, [1, 1]), put(cache, [2, 2]), put(cache, [3, 3])
     assert cache.evict(1) == 2
     assert a.node.parent is None and b.node.parent is not None
@@ -339,7 +357,7 @@ def test_evict_is_lru_by_insert() -> None:
 
 
 def test_evict_order_follows_lock_and_reinsert_touches() -> None:
-    alloc, cache = make()
+    cache = make()
     a, b, c = put(cache, [1, 1]), put(cache, [2, 2]), put(cache, [3, 3])
     cache.lock(a.node)  # a used most recently (lock)
     cache.unlock(a.node)
@@ -353,7 +371,7 @@ def test_evict_order_follows_lock_and_reinsert_touches() -> None:
 
 
 def test_match_does_not_refresh_lru() -> None:
-    alloc, cache = make()
+    cache = make()
     a, b = put(cache, [1, 1]), put(cache, [2, 2])
     cache.match_prefix([1, 1])
     cache.evict(1)
@@ -361,7 +379,8 @@ def test_match_does_not_refresh_lru() -> None:
 
 
 def test_evict_frees_whole_leaves_and_returns_count() -> None:
-    alloc, cache = make()
+    cache = make()
+    alloc = cache.allocator
     put(cache, [1, 2, 3, 4, 5])
     assert cache.evict(1) == 5
     assert alloc.num_free == alloc.num_slots
@@ -369,7 +388,8 @@ def test_evict_frees_whole_leaves_and_returns_count() -> None:
 
 
 def test_evict_walks_up_to_parents_that_become_leaves() -> None:
-    alloc, cache = make()
+    cache = make()
+    alloc = cache.allocator
     put(cache, [1, 2, 3])
     put(cache, [1, 2, 3, 4, 5])
     put(cache, [1, 2, 3, 6])
@@ -381,7 +401,7 @@ def test_evict_walks_up_to_parents_that_become_leaves() -> None:
 
 
 def test_evict_parent_after_children_in_lru_order() -> None:
-    alloc, cache = make()
+    cache = make()
     parent = put(cache, [1, 2])
     put(cache, [1, 2, 3])
     other = put(cache, [5])  # newer than the [1, 2] path
@@ -391,7 +411,7 @@ def test_evict_parent_after_children_in_lru_order() -> None:
 
 
 def test_locked_nodes_survive_evict() -> None:
-    alloc, cache = make()
+    cache = make()
     keep = put(cache, [1, 2, 3])
     put(cache, [1, 2, 3, 4])
     put(cache, [7, 7])
@@ -406,7 +426,7 @@ def test_locked_nodes_survive_evict() -> None:
 
 
 def test_evict_zero_and_negative() -> None:
-    alloc, cache = make()
+    cache = make()
     put(cache, [1])
     assert cache.evict(0) == 0
     assert cache.total_size == 1
@@ -415,7 +435,7 @@ def test_evict_zero_and_negative() -> None:
 
 
 def test_evict_skips_stale_heap_entries() -> None:
-    alloc, cache = make()
+    cache = make()
     r = put(cache, [1, 2])
     for _ in range(5):  # every unlock re-queues the leaf with a new time
         cache.lock(r.node)
@@ -428,7 +448,7 @@ def test_evict_skips_stale_heap_entries() -> None:
 
 
 def test_heap_stays_bounded_under_churn() -> None:
-    alloc, cache = make()
+    cache = make()
     r = put(cache, [1, 2])
     for _ in range(1000):
         cache.lock(r.node)
@@ -442,7 +462,8 @@ def test_heap_stays_bounded_under_churn() -> None:
 
 
 def test_reset_frees_everything_and_invalidates_handles() -> None:
-    alloc, cache = make()
+    cache = make()
+    alloc = cache.allocator
     r = put(cache, [1, 2, 3])
     put(cache, [4])
     cache.reset()
@@ -457,7 +478,7 @@ def test_reset_frees_everything_and_invalidates_handles() -> None:
 
 
 def test_reset_refuses_while_locked() -> None:
-    alloc, cache = make()
+    cache = make()
     r = put(cache, [1, 2, 3])
     cache.lock(r.node)
     with pytest.raises(RuntimeError, match="locked"):
@@ -469,7 +490,7 @@ def test_reset_refuses_while_locked() -> None:
 
 
 def test_tree_slots_lists_every_node() -> None:
-    alloc, cache = make()
+    cache = make()
     a = put(cache, [1, 2, 3])
     b = put(cache, [1, 2, 4])
     assert sorted(cache.tree_slots().tolist()) == sorted({*a.slots.tolist(), *b.slots.tolist()})
@@ -529,7 +550,7 @@ def _corrupted_caches():
 
 @pytest.mark.parametrize(("message", "mutate"), _corrupted_caches())
 def test_check_integrity_catches(message: str, mutate) -> None:
-    alloc, cache = make()
+    cache = make()
     put(cache, [1, 2, 3])
     leaf = put(cache, [1, 2, 3, 4, 5]).node
     put(cache, [9])

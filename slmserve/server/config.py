@@ -1,0 +1,81 @@
+"""Server settings (address, auth, limits), layered like the engine's: defaults < TOML < flags.
+
+They live apart from :class:`~slmserve.config.EngineConfig` because an embedder may run an engine
+with no HTTP server at all; a TOML file holds both, the server part in a ``[server]`` table.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from slmserve.config import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0)]
+
+API_KEY_ENV = "SLMSERVE_API_KEY"
+
+
+class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything the HTTP layer needs; the engine's own limits stay in ``EngineConfig``."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    """``0`` picks a free port (the start-up log line says which)."""
+    api_key: str | None = None
+    """When set, every route except ``/health``, ``/ready`` and ``/metrics`` needs
+    ``Authorization: Bearer <key>``. Also read from ``$SLMSERVE_API_KEY``."""
+    served_model_name: str | None = None
+    """The ``model`` name clients use; default ``demo`` or the ``--model`` argument as given."""
+    max_body_bytes: PosInt = 4 * 1024 * 1024
+    """Largest request body; bigger ones get 413 before any parsing."""
+    max_choices: PosInt = 128
+    """Most engine requests one HTTP request may create (prompts x ``n``)."""
+    shutdown_timeout: Seconds = 30.0
+    """On SIGTERM/SIGINT: how long in-flight requests may take to finish before being aborted."""
+    access_log: bool = False
+    """One log line per HTTP request (aiohttp's access log)."""
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        """A validated copy with ``changes`` applied (``None`` values skipped)."""
+        return load_server_config(overrides={**msgspec.to_builtins(self), **changes})
+
+
+def load_server_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+) -> ServerConfig:
+    """Defaults < ``[server]`` table of the TOML file < ``$SLMSERVE_API_KEY`` < ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        table = raw.get("server", {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {path}: [server] must be a table")
+        data.update(table)
+    env = os.environ if environ is None else environ
+    if env.get(API_KEY_ENV):
+        data["api_key"] = env[API_KEY_ENV]
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(data, ServerConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid server config: {exc}") from None
