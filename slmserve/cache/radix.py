@@ -146,10 +146,13 @@ class RadixCache:
     # ------------------------------------------------------------ match / insert
 
     def _common_len(self, child: RadixNode, tokens: np.ndarray, tb: bytes, pos: int) -> int:
-        """Length of the common prefix of ``child``'s edge and ``tokens[pos:]`` (>= 1)."""
+        """Length of the common prefix of ``child``'s edge and ``tokens[pos:]`` (>= 1).
+
+        Called only when the whole edge does not match, so the result is < ``len(key)``.
+        """
         n = min(len(child.key), len(tokens) - pos)
         if tb[8 * pos : 8 * (pos + n)] == child._kb[: 8 * n]:
-            return n
+            return n  # the tokens end inside the edge
         neq = child.key[:n] != tokens[pos : pos + n]
         return int(neq.argmax())  # first mismatch; there is one since the bytes differ
 
@@ -164,7 +167,9 @@ class RadixCache:
             child = node.children.get(int(tokens[pos]))
             if child is None:
                 break
-            k = self._common_len(child, tokens, tb, pos)
+            k = len(child.key)
+            if tb[8 * pos : 8 * (pos + k)] != child._kb:  # not the whole edge (rare)
+                k = self._common_len(child, tokens, tb, pos)
             node = child
             pos += k
             if k < len(child.key):
@@ -200,8 +205,9 @@ class RadixCache:
             child = node.children.get(int(tokens[pos]))
             if child is None:
                 break
-            k = self._common_len(child, tokens, tb, pos)
-            if k < len(child.key):
+            k = len(child.key)
+            if tb[8 * pos : 8 * (pos + k)] != child._kb:  # not the whole edge: split it
+                k = self._common_len(child, tokens, tb, pos)
                 child = self._split(child, k)
             path.append(child)
             node = child

@@ -104,6 +104,30 @@ class EngineCore:
 
     def plan_step(self, now: float) -> StepPlan:
         plan = StepPlan(now)
+        budget = self._plan_running(plan)
+        if budget > 0 and self.waiting and not plan.preempted:
+            self._admit(plan, budget)
+        return plan
+
+    def _plan_running(self, plan: StepPlan) -> int:
+        """Schedule running requests oldest first; return the budget left for admissions."""
+        budget = self.limits.max_batch_tokens
+        wants: list[tuple[Sequence, int]] = []
+        for seq in self.running.values():
+            if budget <= 0:
+                break
+            n = min(seq.num_pending, self.limits.chunked_prefill_size, budget)
+            wants.append((seq, n))
+            budget -= n
+        # Common case: one allocation for the whole running set.
+        slots = self._try_alloc(sum(n for _, n in wants))
+        if slots is not None:
+            offset = 0
+            for seq, n in wants:
+                self._schedule(plan, seq, n, slots[offset : offset + n])
+                offset += n
+            return budget
+        # Memory is short: go request by request, evicting, then preempting the newest.
         budget = self.limits.max_batch_tokens
         running = list(self.running.values())
         i = 0
@@ -116,9 +140,7 @@ class EngineCore:
             self._schedule(plan, seq, n, slots)
             budget -= n
             i += 1
-        if budget > 0 and self.waiting and not plan.preempted:
-            self._admit(plan, budget)
-        return plan
+        return budget
 
     def _schedule(self, plan: StepPlan, seq: Sequence, n: int, slots: np.ndarray) -> None:
         start = seq.num_computed

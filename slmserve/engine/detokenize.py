@@ -112,6 +112,9 @@ class IncrementalDetokenizer:
             return ""
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         new_text = self._decode(self._ids[self._prefix :])
+        return self._slide(prefix_text, new_text, final=final)
+
+    def _slide(self, prefix_text: str, new_text: str, *, final: bool) -> str:
         if len(new_text) <= len(prefix_text) or (new_text.endswith(_REPLACEMENT) and not final):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
@@ -150,3 +153,41 @@ class IncrementalDetokenizer:
             if any(s.startswith(tail) for s in self._stops):
                 return n
         return 0
+
+
+def add_batch(
+    detoks: Sequence[IncrementalDetokenizer], tokens: Sequence[int]
+) -> list[tuple[str, bool]]:
+    """``[d.add([t]) for d, t in zip(detoks, tokens)]`` with one Rust call for the whole step.
+
+    The engine detokenizes every running request every step; one ``decode_batch`` over all the
+    windows replaces two Python->Rust round trips per request. Falls back to ``add`` for
+    tokenizers without a fast backend.
+    """
+    out: list[tuple[str, bool]] = [("", d.stopped) for d in detoks]
+    batched: list[int] = []
+    windows: list[list[int]] = []
+    decode_batch = None
+    skip = True
+    for i, (d, t) in enumerate(zip(detoks, tokens)):
+        if d.stopped:
+            continue
+        if d._fast_decode is None:
+            out[i] = d.add([t])
+            continue
+        if t not in d._drop:
+            d._ids.append(t)
+        if len(d._ids) == d._read:
+            continue
+        decode_batch = d._tokenizer.backend_tokenizer.decode_batch
+        skip = d._skip_special
+        batched.append(i)
+        windows.append(d._ids[d._prefix : d._read])
+        windows.append(d._ids[d._prefix :])
+    if decode_batch is not None:
+        texts = decode_batch(windows, skip_special_tokens=skip)
+        for j, i in enumerate(batched):
+            d = detoks[i]
+            new = d._slide(texts[2 * j], texts[2 * j + 1], final=False)
+            out[i] = d._emit(new, final=False)
+    return out

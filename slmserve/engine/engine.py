@@ -14,6 +14,7 @@ import inspect
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,11 +40,16 @@ class QueueFullError(RuntimeError):
 
 
 class RequestStream:
-    """Outputs of one request, in order; iteration ends after the finishing output."""
+    """Outputs of one request, in order; iteration ends after the finishing output.
+
+    A deque plus one waiter future rather than an ``asyncio.Queue``: the step loop pushes to
+    every running request every step, and this is the cheapest wake-up asyncio offers.
+    """
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._items: deque[RequestOutput] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.finished = False
         self._consumed = False
 
@@ -51,7 +57,10 @@ class RequestStream:
         if self.finished:
             return
         self.finished = output.finished
-        self._queue.put_nowait(output)
+        self._items.append(output)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -59,7 +68,13 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._consumed:
             raise StopAsyncIteration
-        output = await self._queue.get()
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        output = self._items.popleft()
         self._consumed = output.finished
         return output
 
@@ -500,7 +515,11 @@ class AsyncEngine:
     # ---------------------------------------------------------------- outputs
 
     def _emit(self, plan: StepPlan, result: StepResult, finished: list[str]) -> None:
-        assert self.core is not None
+        from slmserve.engine.detokenize import add_batch
+
+        core = self.core
+        assert core is not None
+        sampled: list[Seq] = []
         for item in plan.items:
             seq = item.seq
             if seq.status is not Status.RUNNING:
@@ -511,32 +530,34 @@ class AsyncEngine:
             if not item.sample:
                 continue
             if seq.params.max_tokens == 0:
-                self.core.finish(seq, "length")
+                core.finish(seq, "length")
                 finished.append(seq.rid)
                 continue
+            sampled.append(seq)
+        texts = add_batch([s.detok for s in sampled], [s.output_ids[-1] for s in sampled])
+        for seq, (text, stopped) in zip(sampled, texts):
             token = seq.output_ids[-1]
             lp = result.logprobs.get(seq.rid)
             if lp is not None and seq.logprobs is not None:
                 seq.logprobs.append(lp)
-            text, stopped = seq.detok.add([token]) if seq.detok is not None else ("", False)
-            reason = "stop" if stopped else self.core.stop_reason(seq)
-            if reason is not None and not stopped and seq.detok is not None:
+            reason = "stop" if stopped else core.stop_reason(seq)
+            if reason is not None and not stopped:
                 text += seq.detok.flush()
-            first = len(seq.output_ids) == 1
-            out = RequestOutput(
-                request_id=seq.rid,
-                new_token_ids=[token],
-                new_text=text,
-                finish_reason=reason,
-                num_prompt_tokens=seq.num_prompt,
-                num_cached_tokens=seq.num_cached_tokens,
-                num_output_tokens=len(seq.output_ids),
-                logprobs=[lp] if lp is not None else None,
-                prompt_logprobs=seq.prompt_logprobs if first else None,
+            seq.stream.put(
+                RequestOutput(
+                    request_id=seq.rid,
+                    new_token_ids=[token],
+                    new_text=text,
+                    finish_reason=reason,
+                    num_prompt_tokens=seq.num_prompt,
+                    num_cached_tokens=seq.num_cached_tokens,
+                    num_output_tokens=len(seq.output_ids),
+                    logprobs=[lp] if lp is not None else None,
+                    prompt_logprobs=seq.prompt_logprobs if len(seq.output_ids) == 1 else None,
+                )
             )
-            seq.stream.put(out)
             if reason is not None:
-                self.core.finish(seq, reason)
+                core.finish(seq, reason)
                 finished.append(seq.rid)
 
     def _on_finish(self, seq: Seq) -> None:

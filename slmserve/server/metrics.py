@@ -63,9 +63,15 @@ class EngineCollector(Collector):
             family.add_metric(labels, value)
             return family
 
-        yield gauge("num_requests_running", "Requests in the running batch.", stats["requests_running"])
-        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", stats["requests_waiting"])
-        yield gauge("kv_cache_usage_perc", "Fraction of KV slots in use (1 = full).", stats["kv_usage"])
+        yield gauge(
+            "num_requests_running", "Requests in the running batch.", stats["requests_running"]
+        )
+        yield gauge(
+            "num_requests_waiting", "Requests waiting to be scheduled.", stats["requests_waiting"]
+        )
+        yield gauge(
+            "kv_cache_usage_perc", "Fraction of KV slots in use (1 = full).", stats["kv_usage"]
+        )
         yield gauge("kv_cache_capacity_tokens", "KV pool size in tokens.", stats["kv_slots_total"])
         yield gauge(
             "kv_cache_cached_tokens",
@@ -89,7 +95,9 @@ class EngineCollector(Collector):
         )
         yield counter("generation_tokens", "Tokens generated.", stats["generation_tokens"])
         yield counter("num_preemptions", "Requests preempted to free KV.", stats["preemptions"])
-        yield counter("evicted_tokens", "Tokens evicted from the prefix cache.", stats["evicted_tokens"])
+        yield counter(
+            "evicted_tokens", "Tokens evicted from the prefix cache.", stats["evicted_tokens"]
+        )
         yield self._scheduler(stats.get("scheduler") or {})
 
     def _scheduler(self, series: dict[str, dict[str, float]]) -> GaugeMetricFamily:
@@ -164,9 +172,7 @@ class Metrics:
             self.engine.plugins.pm.unregister(name=self._plugin_name)
 
     @hookimpl
-    def slmserve_request_finished(
-        self, engine: Any, request_id: str, info: dict[str, Any]
-    ) -> None:
+    def slmserve_request_finished(self, engine: Any, request_id: str, info: dict[str, Any]) -> None:
         """Once per request: a few histogram observations, no per-token work."""
         if engine is not self.engine:
             return
@@ -199,4 +205,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-

@@ -261,7 +261,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         raise APIError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs")
     serving.check_choices(req.n)
     prompt = serving.chat_prompt(req.messages, req.add_generation_prompt)
-    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    requested = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
     max_tokens = serving.max_tokens(len(prompt.ids), requested, None)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = [sampling_params(req, max_tokens, logprobs=logprobs, choice=j) for j in range(req.n)]
@@ -313,9 +315,7 @@ async def _stream_chat(
 
     def chunk(choice: ChatChunkChoice) -> bytes:
         return ENCODER.encode(
-            ChatCompletionChunk(
-                id=rid, created=created, model=serving.model_name, choices=[choice]
-            )
+            ChatCompletionChunk(id=rid, created=created, model=serving.model_name, choices=[choice])
         )
 
     completion_tokens = 0

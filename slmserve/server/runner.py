@@ -74,7 +74,9 @@ async def serve_async(
             stop = asyncio.Event()
             _install_signal_handlers(stop, engine)
         await stop.wait()
-        log.info("shutting down: draining in-flight requests (up to %.0fs)", config.shutdown_timeout)
+        log.info(
+            "shutting down: draining in-flight requests (up to %.0fs)", config.shutdown_timeout
+        )
         app[SERVING].draining = True
     finally:
         await runner.cleanup()

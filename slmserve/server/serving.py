@@ -186,7 +186,9 @@ class Serving:
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 rid = f"{request_id}-{i}"
-                streams.append(self.engine.submit(prompt.ids, p, request_id=rid, client_id=client_id))
+                streams.append(
+                    self.engine.submit(prompt.ids, p, request_id=rid, client_id=client_id)
+                )
         except ValueError as exc:
             self.abort_unfinished(streams)
             raise APIError(400, str(exc), param="prompt") from None

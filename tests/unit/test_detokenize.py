@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from slmserve.engine.detokenize import IncrementalDetokenizer
+from slmserve.engine.detokenize import IncrementalDetokenizer, add_batch
 
 TEXT = "héllo 世界 🙂"
 
@@ -250,3 +250,21 @@ def test_prompt_context_keeps_the_leading_space(
     assert det.add([2]) == (" world", False)
     assert det.add([3]) == ("!", False)
     assert det.flush() == ""
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    texts=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=5),
+    stops=st.lists(st.text(min_size=1, max_size=3), max_size=2),
+)
+def test_add_batch_equals_one_at_a_time(texts: list[str], stops: list[str]) -> None:
+    """The engine's batched path emits exactly what per-request ``add`` would."""
+    ids = [TOK.encode(t, add_special_tokens=False) for t in texts]
+    single = [IncrementalDetokenizer(TOK, [65], stop=stops) for _ in ids]
+    batched = [IncrementalDetokenizer(TOK, [65], stop=stops) for _ in ids]
+    for step in range(max(map(len, ids))):
+        live = [i for i, seq in enumerate(ids) if step < len(seq)]
+        want = [single[i].add([ids[i][step]]) for i in live]
+        got = add_batch([batched[i] for i in live], [ids[i][step] for i in live])
+        assert got == want
+    assert [d.text for d in batched] == [d.text for d in single]
