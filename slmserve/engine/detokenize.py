@@ -21,8 +21,11 @@ when it spans tokens.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -57,6 +60,11 @@ class IncrementalDetokenizer:
         # twice per generated token. (Its decode never cleans up spaces: same text.)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._fast_decode = backend.decode if backend is not None else None
+        # Byte-level tokenizers (GPT-2 style: Qwen, Llama 3, the demo) need no decoder at all:
+        # each token is a fixed byte string, and an incremental UTF-8 decoder holds back
+        # incomplete characters exactly like the window technique, at a fraction of the cost.
+        self._bytes = byte_table(tokenizer)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         # Skipped special tokens decode to nothing: dropping them on arrival keeps a run of
         # them (padding, repeated EOS) from widening the decode window.
         self._drop: frozenset[int] = frozenset(
@@ -86,6 +94,10 @@ class IncrementalDetokenizer:
         string ended the output (after which further calls return ``("", True)``)."""
         if self.stopped:
             return "", True
+        if self._bytes is not None:
+            table, size = self._bytes, len(self._bytes)
+            chunk = b"".join(table[t] for t in token_ids if t < size and t not in self._drop)
+            return self._emit(self._utf8.decode(chunk), final=False)
         self._ids.extend(t for t in token_ids if t not in self._drop)
         return self._emit(self._decode_window(final=False), final=False)
 
@@ -94,6 +106,9 @@ class IncrementalDetokenizer:
         including a trailing incomplete character (as U+FFFD)."""
         if self.stopped:
             return ""
+        if self._bytes is not None:
+            text, _ = self._emit(self._utf8.decode(b"", final=True), final=True)
+            return text
         text, _ = self._emit(self._decode_window(final=True), final=True)
         return text
 
@@ -172,7 +187,7 @@ def add_batch(
     for i, (d, t) in enumerate(zip(detoks, tokens)):
         if d.stopped:
             continue
-        if d._fast_decode is None:
+        if d._bytes is not None or d._fast_decode is None:
             out[i] = d.add([t])
             continue
         if t not in d._drop:
@@ -191,3 +206,48 @@ def add_batch(
             new = d._slide(texts[2 * j], texts[2 * j + 1], final=False)
             out[i] = d._emit(new, final=False)
     return out
+
+
+_BYTE_TABLES: weakref.WeakKeyDictionary[Any, list[bytes] | None] = weakref.WeakKeyDictionary()
+
+
+def byte_table(tokenizer: Any) -> list[bytes] | None:
+    """Token id -> bytes for byte-level BPE tokenizers, else ``None`` (built once per tokenizer).
+
+    Added tokens (specials) decode to their literal content, as the ByteLevel decoder does.
+    """
+    try:
+        return _BYTE_TABLES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    table = _build_byte_table(tokenizer)
+    with contextlib.suppress(TypeError):  # tokenizers that cannot be weakly referenced
+        _BYTE_TABLES[tokenizer] = table
+    return table
+
+
+def _build_byte_table(tokenizer: Any) -> list[bytes] | None:
+    from tokenizers import decoders
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.decoder, decoders.ByteLevel):
+        return None
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    vocab = backend.get_vocab(with_added_tokens=False)
+    table = [b""] * (max([*vocab.values(), *added, -1]) + 1)
+    for token, i in vocab.items():
+        try:
+            table[i] = bytes(byte_of[c] for c in token)
+        except KeyError:
+            return None  # not a byte-level vocabulary after all
+    for i, content in added.items():
+        table[i] = content.encode()
+    return table
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level vocabularies."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}

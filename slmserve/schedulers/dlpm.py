@@ -114,7 +114,7 @@ class DLPM(Scheduler):
             for c in clients:
                 self.deficits[c] += m * self.quantum
             self.refills += 1
-        return [ranked[pos] for pos in self._simulate(ranked, owner, queues, list(clients))]
+        return self._simulate(ranked, owner, queues, list(clients))
 
     def _simulate(
         self,
@@ -122,39 +122,40 @@ class DLPM(Scheduler):
         owner: list[int],
         queues: list[list[int]],
         clients: list[str],
-    ) -> list[int]:
-        """The admission loop on tentative deficits: positions in ``ranked``, in order.
+    ) -> list[SchedRequest]:
+        """The admission loop on tentative deficits.
 
-        A heap holds each eligible client's best remaining position; since each client's
-        positions are already in LPM order, the heap top is the LPM-best eligible request.
-        O(n log #clients), with a closed-form refill when the heap runs dry.
+        A heap holds each eligible client's best remaining position in ``ranked``; since each
+        client's positions are already in LPM order, the heap top is the LPM-best eligible
+        request. O(n log #clients), with a closed-form refill when the heap runs dry.
         """
-        price = self.input_price
+        price, quantum = self.input_price, self.quantum
         cost = [price * (len(r.tokens) - r.matched_len) for r in ranked]
         tentative = [self.deficits[c] for c in clients]
         heads = [0] * len(clients)
         heap: list[int] = []
-        out: list[int] = []
+        out: list[SchedRequest] = []
+        emit, replace, pop = out.append, heapq.heapreplace, heapq.heappop
         while len(out) < len(ranked):
             if not heap:  # (re)build the heap of eligible clients, refilling if none is
                 backlogged = [ci for ci, q in enumerate(queues) if heads[ci] < len(q)]
                 if all(tentative[ci] <= 0 for ci in backlogged):
-                    m = refills_needed([tentative[ci] for ci in backlogged], self.quantum)
+                    m = refills_needed([tentative[ci] for ci in backlogged], quantum)
                     for ci in backlogged:
-                        tentative[ci] += m * self.quantum
+                        tentative[ci] += m * quantum
                 heap = [queues[ci][heads[ci]] for ci in backlogged if tentative[ci] > 0]
                 heapq.heapify(heap)
                 continue
             pos = heap[0]
             ci = owner[pos]
-            out.append(pos)
+            emit(ranked[pos])
             left = tentative[ci] = tentative[ci] - cost[pos]
             head = heads[ci] = heads[ci] + 1
             queue = queues[ci]
             if head < len(queue) and left > 0:
-                heapq.heapreplace(heap, queue[head])
+                replace(heap, queue[head])
             else:
-                heapq.heappop(heap)
+                pop(heap)
         return out
 
     def on_step(self, report: StepReport) -> None:
