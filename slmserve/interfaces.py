@@ -57,6 +57,10 @@ class Scheduler(ABC):
     name: ClassVar[str]
     """Registry name (``--scheduler NAME``)."""
 
+    uses_prefix_match: ClassVar[bool] = True
+    """Whether ``order`` reads ``matched_len``. Policies that do not (FCFS, VTC) set it to
+    ``False`` and the engine skips matching the whole waiting queue every round."""
+
     def on_arrival(self, request: SchedRequest, now: float) -> None:  # noqa: B027
         """A request joined the waiting queue. Default: nothing."""
 

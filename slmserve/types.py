@@ -77,6 +77,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     num_output_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    scores: list[float] | None = None
+    """Scoring requests: one value per label token (probabilities, or log-probabilities)."""
     error: str | None = None
 
     @property
@@ -89,9 +91,11 @@ class SchedRequest:
 
     The engine (or the simulator) owns the object and refreshes ``matched_len`` against the
     current radix cache before every ``Scheduler.order`` call; ``num_computed`` and
-    ``num_output`` grow as the request runs. ``tokens`` is the prompt (plus, after a
-    preemption, the tokens generated so far); schedulers that look at prefixes (in-batch
-    de-duplication) read it, and must not mutate it.
+    ``num_output`` grow as the request runs. ``tokens`` is the prompt followed by the tokens
+    generated so far (what a preempted request must recompute), so ``prompt_len`` grows while
+    a request decodes; policies that need the original prompt length record it in
+    ``on_arrival``. Schedulers that look at prefixes (in-batch de-duplication) read
+    ``tokens`` and must not mutate it.
     """
 
     __slots__ = (
@@ -161,3 +165,13 @@ class GenerationResult(msgspec.Struct, kw_only=True):
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
+
+
+class ScoreResult(msgspec.Struct, kw_only=True):
+    """Relevance scores of many items against one query (``AsyncEngine.score``)."""
+
+    scores: list[list[float]]
+    """Per item, one value per label token: probabilities over the labels (softmax) or the
+    labels' log-probabilities under the whole vocabulary."""
+    prompt_tokens: int
+    cached_tokens: int

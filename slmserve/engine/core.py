@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from slmserve.cache.kv_pool import KVCacheExhausted, SlotAllocator
-from slmserve.cache.radix import RadixCache
+from slmserve.cache.radix import MatchResult, RadixCache
 from slmserve.engine.sequence import Sequence, Status
 from slmserve.interfaces import Scheduler
 from slmserve.types import FinishReason, StepReport
@@ -76,6 +76,7 @@ class EngineCore:
         self.running: dict[str, Sequence] = {}
         self.num_preemptions = 0
         self.num_evicted_tokens = 0
+        self._finished: list[str] = []
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.prompt_tokens_computed = 0
@@ -184,22 +185,31 @@ class EngineCore:
         self.num_preemptions += 1
         self.scheduler.on_arrival(seq.sched, plan.now)
 
+    def _match(self, seq: Sequence) -> MatchResult:
+        """Longest cached prefix of ``seq`` now; sets the scheduler view's ``matched_len``."""
+        match = self.cache.match_prefix(seq.key(len(seq.tokens)))
+        # At least one token must run so the request gets logits; a request that wants
+        # prompt log-probabilities must compute its whole prompt (cached KV has no logits).
+        usable = 0 if seq.prompt_logprobs is not None else len(seq.tokens) - 1
+        seq.sched.matched_len = min(match.length, usable)
+        return match
+
     def _admit(self, plan: StepPlan, budget: int) -> None:
-        matches = {}
-        for seq in self.waiting.values():
-            match = self.cache.match_prefix(seq.key(len(seq.tokens)))
-            # At least one token must run so the request gets logits; a request that wants
-            # prompt log-probabilities must compute its whole prompt (cached KV has no logits).
-            usable = 0 if seq.prompt_logprobs is not None else len(seq.tokens) - 1
-            seq.sched.matched_len = min(match.length, usable)
-            matches[seq.rid] = match
+        # Policies that never read matched_len (FCFS, VTC) skip the per-round refresh of the
+        # whole queue; the requests actually admitted are matched below either way.
+        matches: dict[str, MatchResult] = {}
+        if self.scheduler.uses_prefix_match:
+            matches = {seq.rid: self._match(seq) for seq in self.waiting.values()}
+        evicted = self.num_evicted_tokens
         reserve = len(self.running)  # the next decode token of every running request
         order = self.scheduler.order([s.sched for s in self.waiting.values()], plan.now)
         for view in order:
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
                 break
             seq = self.waiting[view.rid]
-            match = matches[seq.rid]
+            match = matches.get(seq.rid)
+            if match is None or self.num_evicted_tokens != evicted:
+                match = self._match(seq)  # not matched yet, or an admission above evicted
             matched = seq.sched.matched_len
             n = min(len(seq.tokens) - matched, self.limits.chunked_prefill_size, budget)
             self.cache.lock(match.node)
@@ -279,7 +289,6 @@ class EngineCore:
                 seq.error = error
                 del self.running[seq.rid]
                 self._finish(seq, "error")
-                report.finished.append(seq.rid)
         return report
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
@@ -311,7 +320,13 @@ class EngineCore:
         seq.num_computed = 0
         seq.sched.num_computed = 0
 
+    def take_finished(self) -> list[str]:
+        """Ids of requests that left since the last call (finished, aborted, failed)."""
+        out, self._finished = self._finished, []
+        return out
+
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self._finished.append(seq.rid)
         if seq.status is Status.RUNNING:
             self._release(seq)
         seq.status = Status.FINISHED

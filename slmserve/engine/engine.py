@@ -26,7 +26,13 @@ from slmserve.engine.sequence import Sequence as Seq
 from slmserve.engine.sequence import Status
 from slmserve.interfaces import ModelBackend
 from slmserve.plugins import PluginManager
-from slmserve.types import DEFAULT_CLIENT, RequestOutput, SamplingParams, TokenLogprob
+from slmserve.types import (
+    DEFAULT_CLIENT,
+    RequestOutput,
+    SamplingParams,
+    ScoreResult,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,7 @@ class StepResult:
     sampled: dict[str, int]
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)
 
 
 class AsyncEngine:
@@ -265,31 +272,140 @@ class AsyncEngine:
         """
         if not self.running or self.core is None or self.backend is None:
             raise EngineClosedError("the engine is not running")
-        if len(self.core.waiting) >= self.config.max_waiting_requests:
-            raise QueueFullError(
-                f"{len(self.core.waiting)} requests are waiting "
-                f"(max_waiting_requests={self.config.max_waiting_requests}); retry later"
-            )
+        self._check_queue(1)
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
+        return self._enqueue(
+            ids, params, request_id, client_id, detok=self._detokenizer(ids, params)
+        )
+
+    def _check_queue(self, n: int) -> None:
+        assert self.core is not None
+        if len(self.core.waiting) + n > self.config.max_waiting_requests:
+            raise QueueFullError(
+                f"{len(self.core.waiting)} requests are waiting and {n} more would exceed "
+                f"max_waiting_requests={self.config.max_waiting_requests}; retry later"
+            )
+
+    def _enqueue(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        request_id: str | None,
+        client_id: str | None,
+        **seq_options: Any,
+    ) -> RequestStream:
+        assert self.core is not None and self.backend is not None
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.core.waiting or rid in self.core.running:
             raise ValueError(f"request id {rid!r} is already in use")
         stream = RequestStream(rid)
-        info = self.backend.info
+        now = time.monotonic()
         seq = Seq(
             rid,
             ids,
             params,
-            arrival_time=time.monotonic(),
+            arrival_time=now,
             client_id=client_id or DEFAULT_CLIENT,
-            eos_ids=frozenset(info.eos_token_ids),
-            detok=self._detokenizer(ids, params),
+            eos_ids=frozenset(self.backend.info.eos_token_ids),
             stream=stream,
+            **seq_options,
         )
-        self.core.add(seq, time.monotonic())
+        self.core.add(seq, now)
         self._wake.set()
         return stream
+
+    async def score(
+        self,
+        query: str | Sequence[int],
+        items: Sequence[str | Sequence[int]],
+        *,
+        label_token_ids: Sequence[int],
+        apply_softmax: bool = True,
+        item_first: bool = False,
+        template: str | None = None,
+        client_id: str | None = None,
+    ) -> ScoreResult:
+        """Score every item against the query: prefill only, label logits only.
+
+        The text before ``{item}`` in the template (the query and any fixed instruction, when
+        the query comes first) is tokenized once and computed once: a cache-warming request
+        runs it first, then every item extends it through the radix cache. ``item_first``
+        puts the item before the query, which leaves nothing to share but a fixed preamble.
+        Raises ``ValueError`` for bad input and ``RuntimeError`` if an item fails.
+        """
+        if not self.running or self.core is None or self.backend is None:
+            raise EngineClosedError("the engine is not running")
+        labels = self._label_ids(label_token_ids)
+        if not items:
+            raise ValueError("items is empty: give at least one item to score")
+        self._check_queue(len(items) + 1)
+        before, after, item_ids = await self._score_pieces(query, items, item_first, template)
+        prompts = [before + ids + after for ids in item_ids]
+        for i, ids in enumerate(prompts):
+            if len(item_ids[i]) == 0:
+                raise ValueError(f"item {i} is empty")
+            self._check_length(ids, what=f"item {i}")
+        params = SamplingParams(max_tokens=1)
+        if len(before) > 1:
+            async for _ in self._enqueue(before, params, None, client_id, label_ids=()):
+                pass
+        streams = [
+            self._enqueue(p, params, None, client_id, label_ids=labels, apply_softmax=apply_softmax)
+            for p in prompts
+        ]
+        finals = [await _last(s) for s in streams]
+        failed = [(i, o.error or o.finish_reason) for i, o in enumerate(finals) if o.scores is None]
+        if failed:
+            raise RuntimeError(f"scoring failed for item {failed[0][0]}: {failed[0][1]}")
+        return ScoreResult(
+            scores=[o.scores or [] for o in finals],
+            prompt_tokens=sum(o.num_prompt_tokens for o in finals),
+            cached_tokens=sum(o.num_cached_tokens for o in finals),
+        )
+
+    def _label_ids(self, label_token_ids: Sequence[int]) -> tuple[int, ...]:
+        assert self.backend is not None
+        vocab = self.backend.info.vocab_size
+        labels = tuple(int(t) for t in label_token_ids)
+        if not labels:
+            raise ValueError("label_token_ids is empty: give the label token ids to read")
+        bad = [t for t in labels if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"label_token_ids outside the vocabulary [0, {vocab}): {bad}")
+        return labels
+
+    async def _score_pieces(
+        self,
+        query: str | Sequence[int],
+        items: Sequence[str | Sequence[int]],
+        item_first: bool,
+        template: str | None,
+    ) -> tuple[list[int], list[int], list[list[int]]]:
+        """Token ids before the item, after it, and of every item (tokenized in one batch)."""
+        tok = self.tokenizer
+        if isinstance(query, str) != all(isinstance(x, str) for x in items):
+            raise ValueError("query and items must both be text or both be token ids")
+        if not isinstance(query, str):
+            if template is not None:
+                raise ValueError("a template needs text query and items, not token ids")
+            q = [int(t) for t in query]
+            ids = [[int(t) for t in x] for x in items]
+            for i, x in enumerate(ids):
+                self._check_ids(x, what=f"item {i}")
+            self._check_ids(q, what="query")
+            return ([], q, ids) if item_first else (q, [], ids)
+        template = template or ("{item}{query}" if item_first else "{query}{item}")
+        if template.count("{item}") != 1:
+            raise ValueError("template must contain {item} exactly once")
+        head, tail = (part.replace("{query}", query) for part in template.split("{item}"))
+
+        def encode() -> list[list[int]]:
+            texts = [head, tail, *items]
+            return list(tok(texts, add_special_tokens=False)["input_ids"])
+
+        encoded = await asyncio.to_thread(encode) if len(items) > 64 else encode()
+        return encoded[0], encoded[1], encoded[2:]
 
     async def generate(
         self,
@@ -314,24 +430,32 @@ class AsyncEngine:
         self._wake.set()
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        assert self.backend is not None and self.core is not None
+        assert self.backend is not None
         if isinstance(prompt, str):
             ids = list(self.backend.tokenizer.encode(prompt, add_special_tokens=False))
         else:
             ids = [int(t) for t in prompt]
-            vocab = self.backend.info.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            self._check_ids(ids, what="prompt")
         if not ids:
             raise ValueError("prompt is empty")
+        self._check_length(ids, what="prompt")
+        return ids
+
+    def _check_ids(self, ids: list[int], *, what: str) -> None:
+        assert self.backend is not None
+        vocab = self.backend.info.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{what} token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
+    def _check_length(self, ids: list[int], *, what: str) -> None:
+        assert self.core is not None
         limit = self.core.limits.max_model_len
         if len(ids) >= limit:
             raise ValueError(
-                f"prompt has {len(ids)} tokens; the limit is {limit - 1} "
+                f"{what} has {len(ids)} tokens; the limit is {limit - 1} "
                 f"(max_model_len {limit} leaves room for at least one output token)"
             )
-        return ids
 
     def _detokenizer(self, ids: list[int], params: SamplingParams) -> Any:
         from slmserve.engine.detokenize import IncrementalDetokenizer
@@ -400,8 +524,9 @@ class AsyncEngine:
             else:
                 t2 = time.perf_counter()
                 report = core.complete_step(plan, result.sampled)
-                self._emit(plan, result, report.finished)
+                self._emit(plan, result)
                 self.times.output += time.perf_counter() - t2
+            report.finished = core.take_finished()
             try:
                 self.scheduler.on_step(report)
             except Exception:
@@ -428,40 +553,91 @@ class AsyncEngine:
             self.core.abort(self._aborts.pop())
 
     def _run_model(self, plan: StepPlan) -> StepResult:
-        """Worker thread: forward, logits, sampling; one device->host copy at the end."""
+        """Worker thread: forward, logits where needed, sampling; one device->host copy.
+
+        Full-vocabulary logits are computed only for rows someone reads in full: the last
+        token of a generating request, prompt-logprob rows, and raw-logprob scoring rows.
+        Scoring with softmax reads just the label rows of the LM head.
+        """
         import torch
 
         from slmserve.engine.batch import build_batch
 
         assert self.backend is not None
         t0 = time.perf_counter()
-        device = self.kv.device
-        batch, ranges = build_batch(plan, device)
+        batch, ranges = build_batch(plan, self.kv.device)
         t1 = time.perf_counter()
+        gen, prompt_lp, raw_scores, label_scores = [], [], [], []
+        for it, (first, count) in zip(plan.items, ranges):
+            seq = it.seq
+            if seq.prompt_logprobs is not None and it.start < seq.num_prompt:
+                prompt_lp.append((it, first, count))
+            if not it.sample:
+                continue
+            if seq.label_ids is None:
+                gen.append((it, first + count - 1))
+            elif seq.label_ids:
+                (label_scores if seq.apply_softmax else raw_scores).append((it, first + count - 1))
+        result = StepResult({})
         with torch.inference_mode():
             hidden = self.backend.forward(batch, self.kv)
-            logits = self.backend.logits(hidden)
+            rows = [r for _, r in gen]
+            for _, first, count in prompt_lp:
+                rows.extend(range(first, first + count))
+            rows.extend(r for _, r in raw_scores)
+            logits = None
+            if rows:
+                index = torch.tensor(rows, device=hidden.device)
+                logits = self.backend.logits(hidden.index_select(0, index))
             t2 = time.perf_counter()
-            items = [(it, r) for it, r in zip(plan.items, ranges) if it.sample]
-            result = StepResult({})
-            if items:
-                self._sample(items, logits, result)
-            for it, (first, count) in zip(plan.items, ranges):
-                if it.seq.prompt_logprobs is not None and it.start < it.seq.num_prompt:
-                    self._prompt_logprobs(it, logits[first : first + count], result)
+            if gen:
+                assert logits is not None
+                self._sample([it for it, _ in gen], logits[: len(gen)], result)
+            offset = len(gen)
+            for it, _, count in prompt_lp:
+                self._prompt_logprobs(it, logits[offset : offset + count], result)
+                offset += count
+            if raw_scores:
+                lps = torch.log_softmax(logits[offset:], dim=-1)
+                self._collect_scores(raw_scores, lps, result, gather=True)
+            if label_scores:
+                self._label_scores(hidden, label_scores, result)
         self.times.batch += t1 - t0
         self.times.forward += t2 - t1
         self.times.sample += time.perf_counter() - t2
         return result
 
-    @staticmethod
-    def _sample(items: list[Any], logits: Any, result: StepResult) -> None:
+    def _label_scores(self, hidden: Any, items: list[Any], result: StepResult) -> None:
+        """Softmax over the label logits only (never the whole vocabulary)."""
         import torch
 
+        assert self.backend is not None
+        groups: dict[tuple[int, ...], list[Any]] = {}
+        for entry in items:
+            groups.setdefault(entry[0].seq.label_ids, []).append(entry)
+        for labels, entries in groups.items():
+            index = torch.tensor([r for _, r in entries], device=hidden.device)
+            vocab = torch.tensor(labels, device=hidden.device)
+            lab = self.backend.logits(hidden.index_select(0, index), vocab_ids=vocab)
+            self._collect_scores(entries, torch.softmax(lab, dim=-1), result, gather=False)
+
+    @staticmethod
+    def _collect_scores(items: list[Any], values: Any, result: StepResult, *, gather: bool) -> None:
+        import torch
+
+        if gather:  # full-vocabulary log-probs: pick each request's label columns
+            labels = torch.tensor([it.seq.label_ids for it, _ in items], device=values.device)
+            values = values.gather(1, labels)
+        (host,) = _to_host(values)
+        for (it, _), row in zip(items, host.tolist()):
+            result.scores[it.seq.rid] = row
+
+    @staticmethod
+    def _sample(items: list[Any], logits: Any, result: StepResult) -> None:
+        """Sample one token per generating request; ``logits`` rows follow ``items``."""
         from slmserve.engine.sampler import SamplingBatch, sample
 
-        rows = torch.tensor([r[0] + r[1] - 1 for _, r in items], device=logits.device)
-        seqs = [it.seq for it, _ in items]
+        seqs = [it.seq for it in items]
         sbatch = SamplingBatch.build(
             [s.params for s in seqs],
             [s.output_ids for s in seqs],
@@ -471,7 +647,7 @@ class AsyncEngine:
             logits.device,
             logits.shape[-1],
         )
-        res = sample(logits.index_select(0, rows), sbatch)
+        res = sample(logits, sbatch)
         host = _to_host(res.token_ids, res.logprobs, res.top_ids, res.top_logprobs)
         result.sampled.update(zip([s.rid for s in seqs], host[0].tolist()))
         if any(s.logprobs is not None for s in seqs):
@@ -514,7 +690,7 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- outputs
 
-    def _emit(self, plan: StepPlan, result: StepResult, finished: list[str]) -> None:
+    def _emit(self, plan: StepPlan, result: StepResult) -> None:
         from slmserve.engine.detokenize import add_batch
 
         core = self.core
@@ -529,9 +705,22 @@ class AsyncEngine:
                 seq.prompt_logprobs.extend(plp)
             if not item.sample:
                 continue
+            if seq.label_ids is not None:  # scoring: prefill only, no token
+                seq.stream.put(
+                    RequestOutput(
+                        request_id=seq.rid,
+                        new_token_ids=[],
+                        new_text="",
+                        finish_reason="stop",
+                        num_prompt_tokens=seq.num_prompt,
+                        num_cached_tokens=seq.num_cached_tokens,
+                        scores=result.scores.get(seq.rid),
+                    )
+                )
+                core.finish(seq, "stop")
+                continue
             if seq.params.max_tokens == 0:
                 core.finish(seq, "length")
-                finished.append(seq.rid)
                 continue
             sampled.append(seq)
         texts = add_batch([s.detok for s in sampled], [s.output_ids[-1] for s in sampled])
@@ -558,7 +747,6 @@ class AsyncEngine:
             )
             if reason is not None:
                 core.finish(seq, reason)
-                finished.append(seq.rid)
 
     def _on_finish(self, seq: Seq) -> None:
         """Every request passes here exactly once when it leaves the engine."""
@@ -619,6 +807,14 @@ class AsyncEngine:
         for result in getattr(self.plugins.hook, name)(**kwargs):
             if inspect.isawaitable(result):
                 await result
+
+
+async def _last(stream: RequestStream) -> RequestOutput:
+    last = None
+    async for out in stream:
+        last = out
+    assert last is not None
+    return last
 
 
 def _to_host(*tensors: Any) -> list[Any]:

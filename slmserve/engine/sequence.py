@@ -32,12 +32,14 @@ class Sequence:
     __slots__ = (
         "_key",
         "_slot_buf",
+        "apply_softmax",
         "detok",
         "eos_ids",
         "error",
         "finish_reason",
         "first_scheduled_time",
         "first_token_time",
+        "label_ids",
         "lock_node",
         "logprobs",
         "num_cached_tokens",
@@ -64,6 +66,8 @@ class Sequence:
         eos_ids: frozenset[int],
         detok: Any = None,
         stream: Any = None,
+        label_ids: tuple[int, ...] | None = None,
+        apply_softmax: bool = True,
     ) -> None:
         self.tokens: list[int] = list(prompt_ids)
         self.num_prompt = len(prompt_ids)
@@ -71,6 +75,10 @@ class Sequence:
         self.eos_ids = eos_ids
         self.detok = detok
         self.stream = stream
+        self.label_ids = label_ids
+        """Scoring request (prefill only): read these LM-head rows at the last token instead
+        of sampling. An empty tuple only warms the prefix cache."""
+        self.apply_softmax = apply_softmax
         self.output_ids: list[int] = []
         self.status = Status.WAITING
         self.num_computed = 0

@@ -14,6 +14,7 @@ class FCFS(Scheduler):
     """First come, first served."""
 
     name = "fcfs"
+    uses_prefix_match = False
 
     def order(self, waiting: Sequence[SchedRequest], now: float) -> list[SchedRequest]:
         return sorted(waiting, key=lambda r: (r.arrival_time, r.rid))

@@ -1,0 +1,128 @@
+"""Engine scoring: prefill only, label logits only, shared query prefix through the cache."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import load_hf
+
+from slmserve import Engine, EngineConfig
+
+LABELS = (89, 78)  # "Y", "N" in the byte tokenizer
+
+
+def _reference(path: Path, prompts: list[list[int]], labels: tuple[int, ...]) -> list[list[float]]:
+    model = load_hf(path)
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            lab = logits[list(labels)]
+            out.append(torch.softmax(lab, -1).tolist())
+    return out
+
+
+def _raw_reference(
+    path: Path, prompts: list[list[int]], labels: tuple[int, ...]
+) -> list[list[float]]:
+    model = load_hf(path)
+    with torch.inference_mode():
+        return [
+            torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)[
+                list(labels)
+            ].tolist()
+            for ids in prompts
+        ]
+
+
+@pytest.mark.parametrize("kv_tokens", [4096, 160])
+def test_scores_match_transformers(qwen3_dir: Path, kv_tokens: int) -> None:
+    query = "Query: senior python engineer, remote. "
+    items = ["Job: python developer", "Job: chef in a busy kitchen, evenings " * 3, "x", "Job: SRE"]
+    engine = Engine(
+        EngineConfig(
+            model=str(qwen3_dir),
+            device="cpu",
+            dtype="float32",
+            kv_tokens=kv_tokens,
+            chunked_prefill_size=8,
+            max_batch_tokens=48,
+        )
+    )
+
+    async def run() -> tuple[object, object]:
+        async with engine:
+            res = await engine.score(query, items, label_token_ids=LABELS)
+            raw = await engine.score(query, items, label_token_ids=LABELS, apply_softmax=False)
+            engine.core.check_integrity()
+            assert engine.core.cache.protected_size == 0
+            return res, raw
+
+    res, raw = asyncio.run(run())
+    tok = engine.tokenizer
+    q = tok.encode(query, add_special_tokens=False)
+    prompts = [q + tok.encode(x, add_special_tokens=False) for x in items]
+    want = _reference(qwen3_dir, prompts, LABELS)
+    for got_row, want_row in zip(res.scores, want):
+        assert got_row == pytest.approx(want_row, abs=1e-4)
+    for got_row, want_row in zip(raw.scores, _raw_reference(qwen3_dir, prompts, LABELS)):
+        assert got_row == pytest.approx(want_row, abs=1e-4)
+    assert res.prompt_tokens == sum(map(len, prompts))
+    if kv_tokens == 4096:
+        # The query prefix was computed once (warm-up), then every item extended it.
+        assert res.cached_tokens >= len(q) * len(items) - len(items)
+
+
+def test_item_first_and_templates_and_token_ids(qwen3_dir: Path) -> None:
+    engine = Engine(
+        EngineConfig(model=str(qwen3_dir), device="cpu", dtype="float32", kv_tokens=4096)
+    )
+
+    async def run() -> list[object]:
+        async with engine:
+            return [
+                await engine.score(
+                    "q", ["item one", "item two"], label_token_ids=LABELS, item_first=True
+                ),
+                await engine.score(
+                    "q", ["item one"], label_token_ids=LABELS, template="Is {item} about {query}? "
+                ),
+                await engine.score([70, 71, 72], [[73, 74], [75]], label_token_ids=LABELS),
+            ]
+
+    first, templ, ids = asyncio.run(run())
+    tok = engine.tokenizer
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    want = _reference(
+        qwen3_dir,
+        [
+            enc("item one") + enc("q"),
+            enc("item two") + enc("q"),
+            enc("Is ") + enc("item one") + enc(" about q? "),
+            [70, 71, 72, 73, 74],
+            [70, 71, 72, 75],
+        ],
+        LABELS,
+    )
+    got = first.scores + templ.scores + ids.scores
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-4)
+
+
+async def test_bad_scoring_input(qwen3_dir: Path) -> None:
+    async with Engine(EngineConfig(model=str(qwen3_dir), device="cpu", kv_tokens=2048)) as engine:
+        with pytest.raises(ValueError, match="items is empty"):
+            await engine.score("q", [], label_token_ids=LABELS)
+        with pytest.raises(ValueError, match="label_token_ids outside"):
+            await engine.score("q", ["a"], label_token_ids=(1, 10**6))
+        with pytest.raises(ValueError, match="label_token_ids is empty"):
+            await engine.score("q", ["a"], label_token_ids=())
+        with pytest.raises(ValueError, match="item 1 is empty"):
+            await engine.score("q", ["a", ""], label_token_ids=LABELS)
+        with pytest.raises(ValueError, match=r"\{item\} exactly once"):
+            await engine.score("q", ["a"], label_token_ids=LABELS, template="{query}")
+        ok = await engine.score("q", ["a"], label_token_ids=LABELS)
+        assert len(ok.scores) == 1 and sum(ok.scores[0]) == pytest.approx(1.0)
