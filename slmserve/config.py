@@ -24,6 +24,9 @@ DEFAULT_CPU_KV_TOKENS = 131_072
 """KV slots on CPU when no budget is given (host RAM is shared with everything else)."""
 
 
+_DICT_FIELDS = ("backend_options", "scheduler_options")
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message names the field."""
 
@@ -54,6 +57,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_model_len: PosInt | None = None
     """Longest prompt + output; default: the model's ``max_position_embeddings``."""
     seed: int = 0
+    torch_threads: PosInt | None = None
+    """CPU threads for torch's operators (``None``: torch's default, one per core). On small
+    CPU hosts ``cores - 1`` leaves a core for the event loop."""
     gc_freeze: bool = True
     """``gc.freeze()`` after start-up so long-lived objects never get scanned again."""
 
@@ -77,7 +83,10 @@ def load_config(
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        data.update(raw.get("engine", raw))
+        # Engine fields live at the top level or under [engine]; other tables ([server], …)
+        # belong to other components.
+        top = {k: v for k, v in raw.items() if not isinstance(v, dict) or k in _DICT_FIELDS}
+        data.update(raw.get("engine", top))
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return msgspec.convert(data, EngineConfig, strict=False)

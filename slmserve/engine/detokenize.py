@@ -67,9 +67,7 @@ class IncrementalDetokenizer:
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         # Skipped special tokens decode to nothing: dropping them on arrival keeps a run of
         # them (padding, repeated EOS) from widening the decode window.
-        self._drop: frozenset[int] = frozenset(
-            tokenizer.all_special_ids if skip_special_tokens else ()
-        )
+        self._drop: frozenset[int] = special_ids(tokenizer) if skip_special_tokens else frozenset()
         self._stops = [s for s in stop if s]
         self._max_hold = max((len(s) for s in self._stops), default=1) - 1
         self._include_stop = include_stop_str_in_output
@@ -209,6 +207,18 @@ def add_batch(
 
 
 _BYTE_TABLES: weakref.WeakKeyDictionary[Any, list[bytes] | None] = weakref.WeakKeyDictionary()
+_SPECIAL_IDS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def special_ids(tokenizer: Any) -> frozenset[int]:
+    """``tokenizer.all_special_ids`` as a set, computed once per tokenizer (it is slow)."""
+    try:
+        return _SPECIAL_IDS[tokenizer]
+    except (KeyError, TypeError):
+        ids = frozenset(tokenizer.all_special_ids)
+    with contextlib.suppress(TypeError):
+        _SPECIAL_IDS[tokenizer] = ids
+    return ids
 
 
 def byte_table(tokenizer: Any) -> list[bytes] | None:

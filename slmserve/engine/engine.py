@@ -137,6 +137,7 @@ class AsyncEngine:
         self.times = StepTimes()
         self._executor: ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._shutdown_task: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._aborts: set[str] = set()
@@ -149,6 +150,10 @@ class AsyncEngine:
     async def start(self) -> None:
         if self._loop_task is not None:
             return
+        if self.config.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.config.torch_threads)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="slmserve-model")
         loop = asyncio.get_running_loop()
         if self.backend is None:
@@ -209,9 +214,21 @@ class AsyncEngine:
         self.core = EngineCore(self.kv.allocator, self.scheduler, limits, on_finish=self._on_finish)
 
     async def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop accepting; let in-flight requests finish within ``timeout``, abort the rest."""
-        if self._loop_task is None:
-            return
+        """Stop accepting; let in-flight requests finish within ``timeout``, abort the rest.
+
+        Concurrent calls share one shutdown."""
+        if self._shutdown_task is None:
+            if self._loop_task is None:
+                return
+            self._shutdown_task = asyncio.ensure_future(self._shutdown(timeout))
+        try:
+            await asyncio.shield(self._shutdown_task)
+        finally:
+            if self._shutdown_task is not None and self._shutdown_task.done():
+                self._shutdown_task = None
+
+    async def _shutdown(self, timeout: float) -> None:
+        assert self._loop_task is not None
         self._accepting = False
         if not await self._wait_idle(timeout) and self.core is not None:
             self._aborts.update(self.core.waiting)
@@ -432,7 +449,12 @@ class AsyncEngine:
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         assert self.backend is not None
         if isinstance(prompt, str):
-            ids = list(self.backend.tokenizer.encode(prompt, add_special_tokens=False))
+            tok = self.backend.tokenizer
+            fast = getattr(tok, "backend_tokenizer", None)  # skip the Python wrapper's overhead
+            if fast is not None:
+                ids = fast.encode(prompt, add_special_tokens=False).ids
+            else:
+                ids = list(tok.encode(prompt, add_special_tokens=False))
         else:
             ids = [int(t) for t in prompt]
             self._check_ids(ids, what="prompt")

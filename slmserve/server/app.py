@@ -47,9 +47,10 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> web.A
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
+    # Named: the API-key check leaves these three open by name (see ``auth.OPEN_ROUTES``).
+    app.router.add_get("/health", health, name="health")
+    app.router.add_get("/ready", ready, name="ready")
+    app.router.add_get("/metrics", metrics, name="metrics")
     app.router.add_get("/v1/models", openai.list_models)
     app.router.add_get("/v1/models/{model}", openai.retrieve_model)
     app.router.add_post("/v1/completions", openai.create_completion)

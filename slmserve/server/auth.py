@@ -13,7 +13,8 @@ from aiohttp.typedefs import Handler, Middleware
 
 from slmserve.server.errors import APIError
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OPEN_ROUTES = frozenset({"health", "ready", "metrics"})
+"""Route names (not paths, so it also holds when the app is mounted under a prefix)."""
 
 
 def api_key_middleware(api_key: str) -> Middleware:
@@ -22,7 +23,7 @@ def api_key_middleware(api_key: str) -> Middleware:
 
     @web.middleware
     async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS:
+        if request.match_info.route.name not in OPEN_ROUTES:
             scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 token.strip().encode(), expected

@@ -98,6 +98,13 @@ class EngineCollector(Collector):
         yield counter(
             "evicted_tokens", "Tokens evicted from the prefix cache.", stats["evicted_tokens"]
         )
+        times = self.engine.times
+        yield counter("engine_steps", "Engine steps (model forward passes).", times.steps)
+        yield counter(
+            "engine_step_tokens",
+            "Tokens run through the model by all steps (prefill chunks plus decode tokens).",
+            times.tokens,
+        )
         yield self._scheduler(stats.get("scheduler") or {})
 
     def _scheduler(self, series: dict[str, dict[str, float]]) -> GaugeMetricFamily:

@@ -85,6 +85,13 @@ def generation_error(message: str | None) -> APIError:
     return APIError(500, f"generation failed: {message or 'unknown error'}", type="internal_error")
 
 
+async def collect_all(streams: Sequence[RequestStream]) -> list[GenerationResult]:
+    """Whole results of every stream (no task for the common single-stream case)."""
+    if len(streams) == 1:
+        return [await collect(streams[0])]
+    return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+
 def check_results(results: Sequence[GenerationResult]) -> None:
     for result in results:
         if result.finish_reason == "error":
@@ -130,7 +137,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     try:
         if req.stream:
             return await _stream_completion(request, serving, rid, req, choices, streams)
-        results = await asyncio.gather(*(collect(s) for s in streams))
+        results = await collect_all(streams)
     finally:
         serving.abort_unfinished(streams)
     check_results(results)
@@ -272,7 +279,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     try:
         if req.stream:
             return await _stream_chat(request, serving, rid, req, prompt, streams)
-        results = await asyncio.gather(*(collect(s) for s in streams))
+        results = await collect_all(streams)
     finally:
         serving.abort_unfinished(streams)
     check_results(results)
@@ -399,7 +406,7 @@ async def tokenize(request: web.Request) -> web.Response:
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of `prompt` and `messages`", param="prompt")
     if req.prompt is not None:
-        ids = list(serving.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        ids = serving.encode(req.prompt, req.add_special_tokens)
     else:
         ids = serving.chat_prompt(req.messages or [], req.add_generation_prompt).ids
     return json_response(

@@ -9,6 +9,7 @@ submits one engine request per choice, and aborts them all if the handler leaves
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -114,8 +115,20 @@ class Serving:
             raise APIError(400, f"the chat template rejected the messages: {exc}") from None
         return Prompt(self._encode(text, False, "messages"), text)
 
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of ``text``, through the Rust tokenizer directly when there is one.
+
+        ``PreTrainedTokenizerFast.encode`` wraps one string in ``encode_batch``, which hands it
+        to a rayon thread pool: on a busy host that costs ~100x more than encoding it inline
+        (measured 170 us vs 10 us on the demo tokenizer). The ids are the same.
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
     def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
-        ids = list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        ids = self.encode(text, add_special_tokens)
         if not ids:
             raise APIError(400, f"`{param}` is empty", param=param)
         return ids
@@ -245,8 +258,14 @@ def client_id(request: web.Request, user: str | None) -> str | None:
     return request.headers.get(CLIENT_ID_HEADER) or user
 
 
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ID_COUNTER = itertools.count()
+
+
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """A unique response id: a random per-process part plus a counter (``uuid4`` per request
+    costs an ``os.urandom`` system call, tens of microseconds in some VMs)."""
+    return f"{prefix}-{_ID_PREFIX}{next(_ID_COUNTER):x}"
 
 
 async def merged(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

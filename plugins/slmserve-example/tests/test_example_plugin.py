@@ -6,9 +6,10 @@ import json
 import subprocess
 import sys
 
+from slmserve_example.plugin import ShortestPromptFirst
+
 from slmserve import SchedRequest
 from slmserve.plugins import PluginManager
-from slmserve_example.plugin import ShortestPromptFirst
 
 
 def _req(rid: str, length: int, matched: int, arrival: float) -> SchedRequest:
@@ -18,9 +19,14 @@ def _req(rid: str, length: int, matched: int, arrival: float) -> SchedRequest:
 
 
 def test_orders_by_uncached_length_then_arrival() -> None:
-    reqs = [_req("a", 10, 0, 0.0), _req("b", 50, 45, 1.0), _req("c", 5, 0, 2.0), _req("d", 5, 0, 1.5)]
+    reqs = [
+        _req("a", 10, 0, 0.0),  # 10 uncached, oldest
+        _req("b", 50, 40, 1.0),  # 10 uncached: the cached part does not count
+        _req("c", 5, 0, 2.0),
+        _req("d", 5, 0, 1.5),
+    ]
     order = [r.rid for r in ShortestPromptFirst().order(reqs, now=3.0)]
-    assert order == ["d", "c", "b", "a"]
+    assert order == ["d", "c", "a", "b"]
 
 
 def test_discovered_through_entry_point() -> None:

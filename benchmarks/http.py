@@ -1,0 +1,325 @@
+"""HTTP overhead: the same requests over the OpenAI API and submitted to the engine directly.
+
+Workload: ``--requests`` short prompts (about 25 tokens, new ones for every run so nothing is
+served from the prefix cache), ``max_tokens=1``, ``--concurrency`` in flight at a time (64 by
+default), on the demo model. Each request is timed from submission
+to its complete result: ``engine.submit`` + draining the stream (direct) or ``POST
+/v1/completions`` + reading the JSON body (HTTP, aiohttp client, keep-alive connections).
+
+``--server inprocess`` (default) serves the app from this process, on the same engine the
+direct phase uses — the same model, KV pool and event loop, so the only difference between
+the two numbers is the HTTP layer (the client's own cost included: it shares the process).
+``--server subprocess`` runs ``slmserve serve`` in a child process instead, as deployed.
+Phases alternate (direct, HTTP, direct, HTTP, ...) after a warm-up, so drift in machine load
+hits both. Prints requests/s, p50 and p99 latency of each, and HTTP/direct throughput (target:
+at least 0.80).
+
+    python benchmarks/http.py
+    python benchmarks/http.py --server subprocess --requests 2000
+    python benchmarks/http.py --backend null       # no model: the framework's own ceiling
+    python benchmarks/http.py --torch-threads 1    # on small hosts: leave a core to the loop
+
+On a host with few cores, torch's default of one intra-op thread per core competes with the
+event loop (and, in-process, the client) and its OpenMP threads spin while they wait: the demo
+model then runs several times slower and erratically. ``--torch-threads 1`` avoids that on a
+2-core machine; the line above the summary prints what was used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this file's directory leads sys.path and this file would shadow the
+# standard library's ``http`` package (which aiohttp imports). Drop that entry first.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
+import argparse
+import asyncio
+import itertools
+import re
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import aiohttp
+from aiohttp import web
+
+from slmserve import Engine, EngineConfig, SamplingParams
+from slmserve.engine import collect
+from slmserve.server import ServerConfig, create_app
+
+
+@dataclass
+class Run:
+    name: str
+    seconds: float
+    latencies: list[float]
+    cpu: float | None = None
+    """CPU seconds used by the serving process (all its threads) during the run."""
+    steps: int | None = None
+    """Engine steps taken during the run (when the engine is in this process)."""
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    def line(self) -> str:
+        n = len(self.latencies)
+        cpu = f"  cpu/req {self.cpu / n * 1e6:>5.0f} us" if self.cpu is not None else ""
+        batch = f"  req/step {n / self.steps:>5.1f}" if self.steps else ""
+        return (
+            f"{self.name:<8} {n:>6} req  {self.rps:>8.1f} req/s  "
+            f"p50 {self.pct(0.50):>7.1f} ms  p99 {self.pct(0.99):>7.1f} ms{cpu}{batch}"
+        )
+
+
+def own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of another process (Linux ``/proc``; 0 elsewhere)."""
+    if not os.path.exists(f"/proc/{pid}/stat"):
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(
+    name: str,
+    one: Callable[[str], Awaitable[None]],
+    prompts: list[str],
+    concurrency: int,
+    cpu: Callable[[], float],
+    steps: Callable[[], Awaitable[int]],
+) -> Run:
+    """Run ``one(prompt)`` for every prompt with ``concurrency`` workers; time each call."""
+    latencies: list[float] = []
+    queue = iter(prompts)
+
+    async def worker() -> None:
+        for prompt in queue:
+            t0 = time.perf_counter()
+            await one(prompt)
+            latencies.append(time.perf_counter() - t0)
+
+    steps0 = await steps()
+    cpu0 = cpu()
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - start
+    used = cpu() - cpu0
+    return Run(name, seconds, latencies, used, await steps() - steps0)
+
+
+def engine_steps(engine: Engine) -> Callable[[], Awaitable[int]]:
+    async def read() -> int:
+        return engine.times.steps
+
+    return read
+
+
+def scraped_steps(session: aiohttp.ClientSession, url: str) -> Callable[[], Awaitable[int]]:
+    """Engine steps of a server, from its ``/metrics``."""
+
+    async def read() -> int:
+        async with session.get(f"{url}/metrics") as resp:
+            text = await resp.text()
+        match = re.search(r"^slmserve:engine_steps_total\{[^}]*\} (\S+)$", text, re.M)
+        return int(float(match.group(1))) if match else 0
+
+    return read
+
+
+def direct_caller(engine: Engine) -> Callable[[str], Awaitable[None]]:
+    """Tokenize as the server does (the Rust tokenizer, inline), then ``engine.submit``: the
+    two paths differ by the HTTP layer only."""
+    params = SamplingParams(max_tokens=1)
+    encode = engine.tokenizer.backend_tokenizer.encode
+
+    async def one(prompt: str) -> None:
+        ids = encode(prompt, add_special_tokens=True).ids
+        result = await collect(engine.submit(ids, params))
+        assert result.finish_reason in ("length", "stop"), result
+
+    return one
+
+
+def http_caller(session: aiohttp.ClientSession, url: str) -> Callable[[str], Awaitable[None]]:
+    async def one(prompt: str) -> None:
+        body = {"model": "demo", "prompt": prompt, "max_tokens": 1}
+        async with session.post(f"{url}/v1/completions", json=body) as resp:
+            data = await resp.json()
+            assert resp.status == 200, data
+
+    return one
+
+
+@contextmanager
+def subprocess_server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
+    """``slmserve serve --port 0`` in a child process; yields its base URL and pid."""
+    cmd = [sys.executable, "-m", "slmserve", "serve", "--port", "0", "--backend", args.backend]
+    cmd += ["--kv-tokens", str(args.kv_tokens), "--device", args.device]
+    env = dict(os.environ)
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    found: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            match = re.search(r"serving .* on (http://\S+) \(", line)
+            if match:
+                found.append(match.group(1))
+                ready.set()
+        ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if not ready.wait(180) or not found:
+            raise RuntimeError("the server did not start")
+        yield found[0], proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        reader.join(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@asynccontextmanager
+async def inprocess_server(engine: Engine) -> AsyncIterator[str]:
+    """The app on ``engine``, served from this event loop; yields its base URL."""
+    runner = web.AppRunner(create_app(engine, ServerConfig(port=0)), access_log=None)
+    await runner.setup()  # starts the engine
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()  # stops the engine
+
+
+async def main(args: argparse.Namespace) -> None:
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    runs_made = itertools.count()
+
+    def fresh(n: int) -> list[str]:
+        """Prompts no earlier run has sent: every run prefills cold, none rides the cache."""
+        r = next(runs_made)
+        return [f"Run {r} request {i}: hi" for i in range(n)]
+
+    config = EngineConfig(
+        backend=args.backend,
+        device=args.device,
+        kv_tokens=args.kv_tokens,
+        max_waiting_requests=max(4096, args.concurrency * 4),
+    )
+    engine = Engine(config)
+    runs: dict[str, list[Run]] = {"direct": [], "http": []}
+    with ExitStack() as stack:
+        async with inprocess_server(engine) as local_url:
+            url, http_cpu = local_url, own_cpu
+            if args.server == "subprocess":
+                url, pid = stack.enter_context(subprocess_server(args))
+                http_cpu = partial(process_cpu, pid)
+            connector = aiohttp.TCPConnector(limit=args.concurrency)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                phases = [
+                    ("direct", direct_caller(engine), own_cpu, engine_steps(engine)),
+                    ("http", http_caller(session, url), http_cpu, scraped_steps(session, url)),
+                ]
+                for _, call, cpu, steps in phases:
+                    limits = (args.concurrency, cpu, steps)
+                    await drive("warm-up", call, fresh(4 * args.concurrency), *limits)
+                for _ in range(args.rounds):
+                    for name, call, cpu, steps in phases:
+                        limits = (args.concurrency, cpu, steps)
+                        run = await drive(name, call, fresh(args.requests), *limits)
+                        runs[name].append(run)
+                        print(run.line(), flush=True)
+    report(args, runs)
+
+
+def report(args: argparse.Namespace, runs: dict[str, list[Run]]) -> None:
+    def total(rs: list[Run]) -> Run:
+        steps = [r.steps for r in rs]
+        return Run(
+            rs[0].name,
+            sum(r.seconds for r in rs),
+            [x for r in rs for x in r.latencies],
+            sum(r.cpu or 0.0 for r in rs),
+            None if None in steps else sum(s or 0 for s in steps),
+        )
+
+    direct, http = total(runs["direct"]), total(runs["http"])
+    print("-" * 100)
+    print(
+        f"backend={args.backend} server={args.server} concurrency={args.concurrency} "
+        f"max_tokens=1 cpus={os.cpu_count()} torch_threads={_torch_threads()}"
+    )
+    print(direct.line())
+    print(http.line())
+    print(f"HTTP / direct throughput: {http.rps / direct.rps:.2f}  (target >= 0.80)")
+    if direct.cpu and http.cpu:
+        whose = "server process" if args.server == "subprocess" else "this process, client included"
+        print(
+            f"HTTP / direct CPU per request: {http.cpu / direct.cpu:.2f} ({whose}); "
+            f"the throughput ratio when CPU-bound: {direct.cpu / http.cpu:.2f}"
+        )
+    added = statistics.median(http.latencies) - statistics.median(direct.latencies)
+    print(f"median latency added by HTTP: {added * 1000:.2f} ms")
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=1024)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--server", choices=["inprocess", "subprocess"], default="inprocess")
+    p.add_argument("--backend", default="native", help="native (demo model) or null")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kv-tokens", type=int, default=16384)
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        help="intra-op threads for the model (here and in the server); default: torch's",
+    )
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main(arguments))
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
+            loop_runner.run(main(arguments))
