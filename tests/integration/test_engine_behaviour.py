@@ -116,7 +116,9 @@ async def test_bad_input_is_refused_and_nothing_else_is_lost(qwen3_dir: Path) ->
     assert again.num_cached_tokens > 0
 
 
-async def test_model_error_fails_only_that_step(qwen3_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_model_error_fails_only_that_step(
+    qwen3_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with _engine(qwen3_dir, kv_tokens=2048) as engine:
         real = engine.backend.forward
         calls = {"n": 0}

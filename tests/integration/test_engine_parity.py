@@ -85,12 +85,16 @@ def test_greedy_parity_under_pressure(kind: str, request: pytest.FixtureRequest)
     assert engine.core.num_evicted_tokens > 0, "the KV pool was meant to force eviction"
     assert engine.core.prefix_hits > 0, "shared prefixes were meant to hit the cache"
     mismatched = [i for i in range(len(prompts)) if got[i] != want[i]]
-    assert not mismatched, f"requests {mismatched} differ, first: {got[mismatched[0]]} vs {want[mismatched[0]]}"
+    assert not mismatched, (
+        f"requests {mismatched} differ, first: {got[mismatched[0]]} vs {want[mismatched[0]]}"
+    )
 
 
 def test_roomy_pool_parity(qwen3_dir: Path) -> None:
     """Same check with everything fitting: no preemption, one big batch."""
-    engine = Engine(EngineConfig(model=str(qwen3_dir), device="cpu", dtype="float32", kv_tokens=8192))
+    engine = Engine(
+        EngineConfig(model=str(qwen3_dir), device="cpu", dtype="float32", kv_tokens=8192)
+    )
     prompts = _prompts(300, seed=1)
     got = asyncio.run(_run(engine, prompts))
     assert engine.core.num_preemptions == 0

@@ -131,7 +131,9 @@ def test_trace_switch(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCapture
 
 
 def _hookspec_names() -> list[str]:
-    return [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("slmserve_")]
+    return [
+        n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("slmserve_")
+    ]
 
 
 @pytest.mark.parametrize("name", _hookspec_names())
