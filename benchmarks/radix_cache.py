@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     sessions, turns = (16, 4) if args.quick else (64, 8)
     have_sglang = importlib.util.find_spec("sglang") is not None
     print(f"sglang importable: {'yes (not compared here)' if have_sglang else 'no'}")
+    # Means are sensitive to other processes on small machines; p50 much less so.
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"cpus: {os.cpu_count()}, load average before timing: {load}")
 
     scoring = run(
         f"scoring ({queries} queries x {items} items)",
