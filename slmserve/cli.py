@@ -39,6 +39,7 @@ def add_engine_args(parser: argparse.ArgumentParser, plugins: PluginManager) -> 
     g.add_argument("--max-running-requests", type=int)
     g.add_argument("--max-model-len", type=int)
     g.add_argument("--seed", type=int)
+    g.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -56,6 +57,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         "max_running_requests": args.max_running_requests,
         "max_model_len": args.max_model_len,
         "seed": args.seed,
+        "torch_threads": args.torch_threads,
     }
     return load_config(args.config, overrides)
 
