@@ -14,10 +14,10 @@ Phases alternate (direct, HTTP, direct, HTTP, ...) after a warm-up, so drift in 
 hits both. Prints requests/s, p50 and p99 latency of each, and HTTP/direct throughput (target:
 at least 0.80).
 
-    python benchmarks/http.py
-    python benchmarks/http.py --server subprocess --requests 2000
-    python benchmarks/http.py --backend null       # no model: the framework's own ceiling
-    python benchmarks/http.py --torch-threads 1    # on small hosts: leave a core to the loop
+    python benchmarks/http_api.py
+    python benchmarks/http_api.py --server subprocess --requests 2000
+    python benchmarks/http_api.py --backend null       # no model: the framework's own ceiling
+    python benchmarks/http_api.py --torch-threads 1    # on small hosts: leave a core to the loop
 
 On a host with few cores, torch's default of one intra-op thread per core competes with the
 event loop (and, in-process, the client) and its OpenMP threads spin while they wait: the demo
