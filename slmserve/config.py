@@ -77,12 +77,7 @@ def load_config(
     """
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raw = read_toml(path)
         # Engine fields live at the top level or under [engine]; other tables ([server], …)
         # belong to other components.
         top = {k: v for k, v in raw.items() if not isinstance(v, dict) or k in _DICT_FIELDS}
@@ -92,6 +87,16 @@ def load_config(
         return msgspec.convert(data, EngineConfig, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid engine config: {exc}") from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The parsed file, or a ``ConfigError`` naming the file and the problem."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:

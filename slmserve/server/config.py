@@ -7,18 +7,12 @@ with no HTTP server at all; a TOML file holds both, the server part in a ``[serv
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
 
-from slmserve.config import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from slmserve.config import ConfigError, read_toml
 
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -61,13 +55,7 @@ def load_server_config(
     """Defaults < ``[server]`` table of the TOML file < ``$SLMSERVE_API_KEY`` < ``overrides``."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        table = raw.get("server", {})
+        table = read_toml(path).get("server", {})
         if not isinstance(table, dict):
             raise ConfigError(f"config file {path}: [server] must be a table")
         data.update(table)
