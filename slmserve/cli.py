@@ -15,6 +15,7 @@ import msgspec
 from slmserve.config import ConfigError, EngineConfig, load_config, parse_options
 from slmserve.interfaces import PluginError
 from slmserve.plugins import PluginManager
+from slmserve.score_cli import add_score_parser
 
 log = logging.getLogger("slmserve")
 
@@ -227,6 +228,7 @@ def build_parser(plugins: PluginManager) -> tuple[argparse.ArgumentParser, dict[
     p.add_argument("--ignore-eos", action="store_true")
     add_engine_args(p, plugins)
     handlers["generate"] = cmd_generate
+    handlers["score"] = add_score_parser(sub, plugins)
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_serve_args(p)

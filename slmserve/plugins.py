@@ -35,6 +35,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slmserve.schedulers.klpm",
     "slmserve.schedulers.vtc",
     "slmserve.schedulers.dlpm",
+    "slmserve.compressors.truncate",
+    "slmserve.compressors.extractive",
     "slmserve.models.native",
     "slmserve.models.null",
 )

@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from slmserve.engine import AsyncEngine
-from slmserve.server import openai
+from slmserve.server import openai, score
 from slmserve.server.auth import api_key_middleware
 from slmserve.server.config import ServerConfig
 from slmserve.server.errors import APIError, error_middleware
@@ -55,6 +55,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models/{model}", openai.retrieve_model)
     app.router.add_post("/v1/completions", openai.create_completion)
     app.router.add_post("/v1/chat/completions", openai.create_chat_completion)
+    app.router.add_post("/v1/score", score.create_score)
     app.router.add_post("/tokenize", openai.tokenize)
     app.router.add_post("/detokenize", openai.detokenize)
 

@@ -40,6 +40,17 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """On SIGTERM/SIGINT: how long in-flight requests may take to finish before being aborted."""
     access_log: bool = False
     """One log line per HTTP request (aiohttp's access log)."""
+    max_score_items: PosInt = 1024
+    """Most items one ``/v1/score`` request may carry."""
+    max_score_item_chars: PosInt = 100_000
+    """Longest item text (characters, checked before compression) for ``/v1/score``."""
+    max_score_item_tokens: PosInt | None = None
+    """Longest item (tokens, after compression); ``None``: only the model's context bounds it."""
+    score_template: str | None = None
+    """Default ``/v1/score`` prompt template (``{query}``, ``{item}``); a request may override."""
+    score_compressors: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    """Default compressor chain for ``/v1/score`` (``[{name = "extractive", options = {...}}]``)
+    when a request names none; a request's ``compressor`` replaces it (``[]`` turns it off)."""
 
     def replace(self, **changes: Any) -> ServerConfig:
         """A validated copy with ``changes`` applied (``None`` values skipped)."""

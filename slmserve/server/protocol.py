@@ -10,7 +10,7 @@ Decoders and the encoder are built once per type, at import: reusing them is the
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -264,3 +264,54 @@ COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
 CHAT_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
 TOKENIZE_DECODER = msgspec.json.Decoder(TokenizeRequest)
 DETOKENIZE_DECODER = msgspec.json.Decoder(DetokenizeRequest)
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+class CompressorSpec(_Request, kw_only=True, forbid_unknown_fields=True):
+    """One compressor of a ``/v1/score`` request: a registered name and its options."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ScoreRequest(_Request, kw_only=True):
+    """``POST /v1/score``, wire-compatible with SGLang's, plus ``labels``, ``template`` and
+    ``compressor``. Query and items are both text or both token ids."""
+
+    model: str | None = None
+    query: str | list[int]
+    items: str | list[str | list[int]]
+    """One text, a list of texts, or a list of token-id lists."""
+    label_token_ids: list[int] | None = None
+    labels: list[str] | None = None
+    """Label texts, each of which must be exactly one token (instead of ``label_token_ids``)."""
+    apply_softmax: bool = True
+    item_first: bool = False
+    template: str | None = None
+    compressor: CompressorSpec | list[CompressorSpec] | None = None
+    """One compressor or a chain, applied in order; ``[]`` turns the server default off."""
+    user: str | None = None
+
+
+class ScoreUsage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    cached_tokens: int
+    """Prompt tokens read from the prefix cache (the shared query), summed over items."""
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    compression_ratio: float
+    """Item tokens before compression / after (1.0 without a compressor)."""
+
+
+class ScoreResponse(msgspec.Struct, kw_only=True):
+    object: Literal["scoring"] = "scoring"
+    model: str
+    scores: list[list[float]]
+    """Per item (request order), one value per label: probabilities with ``apply_softmax``,
+    else the label tokens' log-probabilities."""
+    usage: ScoreUsage
+
+
+SCORE_DECODER = msgspec.json.Decoder(ScoreRequest)
