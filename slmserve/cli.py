@@ -16,6 +16,7 @@ from slmserve.config import ConfigError, EngineConfig, load_config, parse_option
 from slmserve.interfaces import PluginError
 from slmserve.plugins import PluginManager
 from slmserve.score_cli import add_score_parser
+from slmserve.sim.cli import add_simulate_parser
 
 log = logging.getLogger("slmserve")
 
@@ -229,6 +230,7 @@ def build_parser(plugins: PluginManager) -> tuple[argparse.ArgumentParser, dict[
     add_engine_args(p, plugins)
     handlers["generate"] = cmd_generate
     handlers["score"] = add_score_parser(sub, plugins)
+    handlers["simulate"] = add_simulate_parser(sub, plugins)
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_serve_args(p)

@@ -240,8 +240,14 @@ class EngineCore:
 
     # ---------------------------------------------------------------- completion
 
-    def complete_step(self, plan: StepPlan, sampled: dict[str, int]) -> StepReport:
-        """Account for a step whose model run succeeded; ``sampled`` maps rid -> next token."""
+    def complete_step(
+        self, plan: StepPlan, sampled: dict[str, int], now: float | None = None
+    ) -> StepReport:
+        """Account for a step whose model run succeeded; ``sampled`` maps rid -> next token.
+
+        ``now`` is when the step ended (first-token times are stamped with it); default: the
+        plan's start time."""
+        end = plan.now if now is None else now
         report = StepReport(now=plan.now, admitted=plan.admitted, preempted=plan.preempted)
         for item in plan.items:
             seq = item.seq
@@ -261,7 +267,7 @@ class EngineCore:
             seq.output_ids.append(token)
             self.generation_tokens += 1
             if seq.first_token_time is None:
-                seq.first_token_time = plan.now
+                seq.first_token_time = end
             seq.sched.num_output = len(seq.output_ids)
         return report
 

@@ -520,7 +520,7 @@ class AsyncEngine:
                 report = core.fail(plan, f"{type(exc).__name__}: {exc}")
             else:
                 t2 = time.perf_counter()
-                report = core.complete_step(plan, result.sampled)
+                report = core.complete_step(plan, result.sampled, time.monotonic())
                 self._emit(plan, result)
                 self.times.output += time.perf_counter() - t2
             report.finished = core.take_finished()
