@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,19 +102,24 @@ def cmd_plugins(args: argparse.Namespace, plugins: PluginManager) -> int:
 # -------------------------------------------------------------------------- generate
 
 
+def read_jsonl(path: Path, what: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, decoded value)`` for each non-blank line; errors name file and line."""
+    if not path.exists():
+        raise CLIError(f"{what} file not found: {path}")
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.input:
         path = Path(args.input)
-        if not path.exists():
-            raise CLIError(f"input file not found: {path}")
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CLIError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        for lineno, record in read_jsonl(path, "input"):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise CLIError(f'{path}:{lineno}: expected an object with a "prompt" string')
             prompts.append(record["prompt"])

@@ -52,18 +52,10 @@ def add_score_parser(subparsers: Any, plugins: PluginManager) -> Callable[..., i
 
 def read_items(path: Path) -> list[tuple[Any, str]]:
     """``(id, text)`` per non-blank line; a bad line is a CLIError naming it."""
-    from slmserve.cli import CLIError
+    from slmserve.cli import CLIError, read_jsonl
 
-    if not path.exists():
-        raise CLIError(f"items file not found: {path}")
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CLIError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    for lineno, record in read_jsonl(path, "items"):
         if not isinstance(record, dict) or "id" not in record:
             raise CLIError(f'{path}:{lineno}: expected an object with "id" and "text"')
         text = record.get("text")

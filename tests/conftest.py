@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from checkpoints import build_checkpoint
@@ -24,3 +25,13 @@ def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Qwen3: q/k norms, tied embeddings, head_dim from config."""
     return build_checkpoint("qwen3", tmp_path_factory.mktemp("qwen3"))
+
+
+@pytest.fixture(scope="session")
+def demo_backend() -> Any:
+    """The demo model, loaded once; tests build their own engines (own KV) around it."""
+    from slmserve.plugins import PluginManager
+
+    return PluginManager(load_entrypoints=False).backends.get("native")(
+        None, device="cpu", dtype="float32"
+    )

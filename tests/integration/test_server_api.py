@@ -21,14 +21,6 @@ Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
 
 
-@pytest.fixture(scope="session")
-def demo_backend() -> Any:
-    """The demo model, loaded once; every test builds its own engine (own KV) around it."""
-    return PluginManager(load_entrypoints=False).backends.get("native")(
-        None, device="cpu", dtype="float32"
-    )
-
-
 @pytest.fixture
 def make_client(aiohttp_client: Any, demo_backend: Any) -> MakeClient:
     async def make(

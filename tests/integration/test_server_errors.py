@@ -13,19 +13,11 @@ from aiohttp.test_utils import TestClient
 
 from slmserve import Engine, EngineConfig, SamplingParams
 from slmserve.engine import collect
-from slmserve.plugins import PluginManager
 from slmserve.server import ServerConfig, create_app
 from slmserve.server.keys import ENGINE, SERVING
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
-
-
-@pytest.fixture(scope="session")
-def demo_backend() -> Any:
-    return PluginManager(load_entrypoints=False).backends.get("native")(
-        None, device="cpu", dtype="float32"
-    )
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from aiohttp.test_utils import TestClient
 from checkpoints import load_hf
 
 from slmserve import Engine, EngineConfig
-from slmserve.plugins import PluginManager
 from slmserve.server import ServerConfig, create_app
 from slmserve.server.keys import ENGINE
 
@@ -23,13 +22,6 @@ MakeClient = Callable[..., Awaitable[Client]]
 LABELS = [89, 78]  # "Y", "N" in the byte tokenizer
 QUERY = "Query: senior python engineer, remote. "
 ITEMS = ["Job: python developer", "Job: chef in a busy kitchen, evenings " * 3, "x", "Job: SRE"]
-
-
-@pytest.fixture(scope="session")
-def demo_backend() -> Any:
-    return PluginManager(load_entrypoints=False).backends.get("native")(
-        None, device="cpu", dtype="float32"
-    )
 
 
 @pytest.fixture
