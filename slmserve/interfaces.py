@@ -96,13 +96,25 @@ class Compressor(ABC):
     thread, concurrently for different items. It returns text (possibly unchanged). It may read
     ``query`` (query-aware compressors) and use ``tokenizer`` to count tokens. It raises
     ``ValueError`` for invalid options, at construction time where possible.
+
+    Callers hand a whole request's items to ``compress_many``; the default loops over
+    ``compress``, and a compressor with a per-call overhead (a model, a cache lookup) overrides
+    it to do one batch. A compressor that sets ``runs_model`` may take seconds: callers must run
+    it off the event loop, whatever the number of items.
     """
 
     name: ClassVar[str]
 
+    runs_model: ClassVar[bool] = False
+    """True when compressing may run a model (never call it on an event loop)."""
+
     @abstractmethod
     def compress(self, item: str, *, query: str, tokenizer: Any) -> str:
         """Return the compressed item text."""
+
+    def compress_many(self, items: Sequence[str], *, query: str, tokenizer: Any) -> list[str]:
+        """Compress every item (same order); override to batch the work."""
+        return [self.compress(item, query=query, tokenizer=tokenizer) for item in items]
 
 
 # --------------------------------------------------------------------------------------------

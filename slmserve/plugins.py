@@ -37,6 +37,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slmserve.schedulers.dlpm",
     "slmserve.compressors.truncate",
     "slmserve.compressors.extractive",
+    "slmserve.compressors.summary",
     "slmserve.models.native",
     "slmserve.models.null",
 )

@@ -67,7 +67,7 @@ def read_items(path: Path) -> list[tuple[Any, str]]:
     return out
 
 
-def _compressors(args: argparse.Namespace, plugins: PluginManager) -> list[Compressor]:
+def compressor_chain(args: argparse.Namespace, plugins: PluginManager) -> list[Compressor]:
     """The chain of ``--compressor`` names in order; ``--compressor-opt`` values configure the
     last one (argparse keeps no interleaving; chain options per link through the HTTP API)."""
     from slmserve.cli import CLIError
@@ -116,7 +116,7 @@ def cmd_score(args: argparse.Namespace, plugins: PluginManager) -> int:
     if args.batch_size < 1:
         raise CLIError("--batch-size must be at least 1")
     records = read_items(Path(args.items))
-    compressors = _compressors(args, plugins)
+    compressors = compressor_chain(args, plugins)
     engine = Engine(engine_config(args), plugins=plugins)
 
     async def run() -> tuple[list[list[float]], int, int, int, int]:
@@ -131,7 +131,9 @@ def cmd_score(args: argparse.Namespace, plugins: PluginManager) -> int:
                     texts = [text for _, text in records[start : start + args.batch_size]]
                     if compressors:
                         before += sum(count_tokens(tok, t) for t in texts)
-                        texts = [_chain(compressors, t, args.query, tok) for t in texts]
+                        texts = await asyncio.to_thread(
+                            compress_chain, compressors, texts, args.query, tok
+                        )
                         after += sum(count_tokens(tok, t) for t in texts)
                     try:
                         res = await engine.score(
@@ -166,10 +168,14 @@ def cmd_score(args: argparse.Namespace, plugins: PluginManager) -> int:
     return 0
 
 
-def _chain(compressors: list[Compressor], text: str, query: str, tokenizer: Any) -> str:
+def compress_chain(
+    compressors: list[Compressor], texts: list[str], query: str, tokenizer: Any
+) -> list[str]:
+    """Every text through the chain, a batch per link (run it in a thread: a link may run a
+    model, which must not block an event loop)."""
     for compressor in compressors:
-        text = compressor.compress(text, query=query, tokenizer=tokenizer)
-    return text
+        texts = compressor.compress_many(texts, query=query, tokenizer=tokenizer)
+    return texts
 
 
 def _renumber(message: str, start: int, records: list[tuple[Any, str]]) -> str:

@@ -37,7 +37,8 @@ Item = str | list[int]
 
 _ITEM_INDEX = re.compile(r"\bitem (\d+)\b")
 _THREAD_MIN_ITEMS = 8
-"""Below this many items compression runs inline: a thread hop costs more than the work."""
+"""Below this many items compression runs inline: a thread hop costs more than the work (a
+compressor that runs a model always goes to the thread)."""
 
 
 async def create_score(request: web.Request) -> web.Response:
@@ -57,7 +58,7 @@ async def create_score(request: web.Request) -> web.Response:
         if not isinstance(query, str):
             raise APIError(400, "compressors need text query and items", param="compressor")
         texts = [x for x in items if isinstance(x, str)]
-        if len(texts) < _THREAD_MIN_ITEMS:
+        if len(texts) < _THREAD_MIN_ITEMS and not any(c.runs_model for c in compressors):
             items, lengths, ratio = compress_items(compressors, query, texts, serving.tokenizer)
         else:
             items, lengths, ratio = await asyncio.to_thread(
@@ -219,13 +220,13 @@ def compress_items(
 ) -> tuple[list[Item], list[int], float]:
     """Run the chain over every item: (compressed items, their token counts, the ratio of
     item tokens before to after). A compressor that empties an item is a 400 naming it."""
+    texts = list(items)
+    for compressor in compressors:
+        texts = compressor.compress_many(texts, query=query, tokenizer=tokenizer)
     before = after = 0
     out: list[Item] = []
     lengths = []
-    for i, item in enumerate(items):
-        text = item
-        for compressor in compressors:
-            text = compressor.compress(text, query=query, tokenizer=tokenizer)
+    for i, (item, text) in enumerate(zip(items, texts)):
         if not text:
             raise APIError(400, f"item {i} is empty after compression", param=f"items[{i}]")
         n = count_tokens(tokenizer, text)

@@ -131,7 +131,11 @@ async def test_compressor_chain_reports_the_ratio(client: Client) -> None:
         ({"label_token_ids": None}, "label_token_ids", "`label_token_ids` or `labels`"),
         ({"labels": ["Yes", "N"], "label_token_ids": None}, "labels[0]", "exactly one token"),
         ({"labels": ["Y"]}, "labels", "not both"),
-        ({"compressor": {"name": "nope"}}, "compressor", "valid names: extractive, truncate"),
+        (
+            {"compressor": {"name": "nope"}},
+            "compressor",
+            "valid names: extractive, summary, truncate",
+        ),
         ({"compressor": {"name": "truncate", "options": {"bogus": 1}}}, "compressor", "bogus"),
         ({"compressor": {"name": "truncate", "options": {"max_tokens": 0}}}, "compressor", "max_"),
         ({"template": "{query}"}, None, "{item} exactly once"),
