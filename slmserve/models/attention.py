@@ -1,17 +1,30 @@
-"""Attention over KV-pool slots: the torch reference path.
+"""Attention over KV-pool slots: the torch reference path and the Triton path.
 
 :func:`plan_attention` turns a :class:`~slmserve.interfaces.ForwardBatch` into index tensors
-once per step; :func:`attend` then runs every layer with them. A Triton kernel can replace
-``attend`` with the same signature (it may read ``plan.batch`` and ignore the padded indices).
+once per step; :func:`write_kv` and :func:`attend` then run every layer with them. The backend
+is chosen once, at load time, by :func:`resolve_backend`: ``"triton"`` (the kernels in
+:mod:`slmserve.kernels`) on CUDA when triton is importable, ``"torch"`` elsewhere.
+
+The torch path:
 
 * Decode sequences (exactly one new token) run as ONE batched SDPA call: their contexts are
   gathered from the pool, padded to the longest, and masked. GQA is handled without copying K/V
   by folding the query heads of a group into SDPA's query-length axis.
-* Sequences with several new tokens (prefill or extend chunks, few per step) run one SDPA call
-  each, with a mask that lets new token ``j`` see context entries ``[0, ctx - new + j]``.
+* Sequences with several new tokens (prefill or extend chunks) are grouped by size and each
+  group runs as ONE padded SDPA call, with a mask that lets new token ``j`` see context entries
+  ``[0, ctx - new + j]``. Scoring puts dozens of item extends in one step; one call per group
+  instead of per sequence is what makes that step cheap. A group only grows while its padded
+  attention area stays within :data:`PAD_SLACK` of the real one, so mixing a long chunk with
+  short ones never multiplies the work.
 
 Every index is built on the device from ``batch`` tensors; host-side ``new_lens``/``ctx_lens``
 only size the buffers, so a step needs no host<->device synchronisation.
+
+The Triton path splits the batch into decode sequences (split-K decode kernel) and extend
+sequences (extend kernel); both read context lengths and slots on the device. Its grids depend
+only on the number of sequences, ``max(new_lens)`` and the split count, never on the context
+lengths, so a decode step is replayable in a CUDA graph; there ``ctx_lens`` are upper bounds
+(they only choose the split count) and a row whose slot is ``-1`` writes no K/V.
 """
 
 from __future__ import annotations
@@ -24,15 +37,54 @@ import torch.nn.functional as F
 
 from slmserve.interfaces import ForwardBatch
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"triton"`` on CUDA with triton importable, else ``"torch"``.
+
+    Asking for ``"triton"`` where it cannot run is an error; on CPU it runs only under the
+    Triton interpreter (``TRITON_INTERPRET=1``), which is for tests.
+    """
+    from slmserve.kernels import interpreter_enabled, triton_available
+
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {name!r}; valid: {', '.join(ATTENTION_BACKENDS)}"
+        )
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("attention backend 'triton' requested but triton is not installed")
+        if device.type != "cuda" and not interpreter_enabled():
+            raise ValueError(
+                f"attention backend 'triton' needs a CUDA device, not {device.type!r} "
+                "(or TRITON_INTERPRET=1 to run the kernels in Triton's interpreter, for tests)"
+            )
+    return name
+
+PAD_SLACK = 1.25
+"""A prefill group may cost at most this much more attention area than its sequences need."""
+
 
 @dataclass(slots=True)
-class PrefillPart:
-    """One sequence with several new tokens: its query rows, context slots and mask."""
+class PrefillGroup:
+    """Sequences with several new tokens, padded to one ``[G, new, ctx]`` attention call."""
 
-    start: int  # first flat new-token row
-    end: int
-    slots: torch.Tensor  # [ctx] pool slots of the whole context
-    mask: torch.Tensor | None  # [new, ctx] bool; None means plain causal (no cached prefix)
+    rows: torch.Tensor  # [G, max_new] flat new-token rows (padding repeats the last row)
+    slots: torch.Tensor  # [G, max_ctx] pool slots of each context (padding -> slot 0)
+    mask: torch.Tensor  # [G, 1, max_new, max_ctx] bool, True = attend
+    src: torch.Tensor  # [sum new] positions in the flattened [G * max_new] output ...
+    dst: torch.Tensor  # [sum new] ... and the flat rows they are written to
+    folded: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def folded_mask(self, group: int) -> torch.Tensor:
+        """The mask with the query axis repeated ``group`` times (GQA heads folded into it);
+        made once per step and GQA ratio, not once per layer."""
+        if group not in self.folded:
+            self.folded[group] = self.mask.repeat(1, 1, group, 1)
+        return self.folded[group]
 
 
 @dataclass(slots=True)
@@ -40,10 +92,11 @@ class AttentionPlan:
     """Per-step indices shared by all layers (built once by :func:`plan_attention`)."""
 
     batch: ForwardBatch
+    backend: str = "torch"
     decode_rows: torch.Tensor | None = None  # [Bd] flat rows of the decode tokens
     decode_slots: torch.Tensor | None = None  # [Bd, max_ctx] pool slots (padding -> a valid slot)
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_ctx] bool, True = attend
-    prefills: list[PrefillPart] = field(default_factory=list)
+    prefills: list[PrefillGroup] = field(default_factory=list)
 
 
 def plan_attention(batch: ForwardBatch) -> AttentionPlan:
@@ -72,19 +125,102 @@ def plan_attention(batch: ForwardBatch) -> AttentionPlan:
         plan.decode_rows = batch.cu_new[seq]
         plan.decode_slots = batch.context_slots[flat]
         plan.decode_mask = valid[:, None, None, :]
-    for i, n in enumerate(new_lens):
-        if n < 2:
-            continue
-        ctx = ctx_lens[i]
-        if ctx < n:
-            raise ValueError(f"sequence {i}: context ({ctx}) shorter than its new tokens ({n})")
-        mask = None
-        if ctx != n:
-            q_pos = torch.arange(ctx - n, ctx, device=device)
-            mask = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
-        slots = batch.context_slots[cu_ctx[i] : cu_ctx[i + 1]]
-        plan.prefills.append(PrefillPart(cu_new[i], cu_new[i + 1], slots, mask))
+    multi = [i for i, n in enumerate(new_lens) if n >= 2]
+    for i in multi:
+        if ctx_lens[i] < new_lens[i]:
+            raise ValueError(
+                f"sequence {i}: context ({ctx_lens[i]}) shorter than its new tokens ({new_lens[i]})"
+            )
+    for members in _group_by_size(multi, new_lens, ctx_lens):
+        plan.prefills.append(_prefill_group(batch, members, cu_new, cu_ctx))
     return plan
+
+
+def _group_by_size(seqs: list[int], new_lens: list[int], ctx_lens: list[int]) -> list[list[int]]:
+    """Greedy buckets, largest first: add a sequence while padding stays within PAD_SLACK."""
+    order = sorted(seqs, key=lambda i: (new_lens[i], ctx_lens[i]), reverse=True)
+    groups: list[list[int]] = []
+    area = max_new = max_ctx = 0
+    for i in order:
+        n, c = new_lens[i], ctx_lens[i]
+        if groups:
+            grown = (len(groups[-1]) + 1) * max(max_new, n) * max(max_ctx, c)
+            if grown <= PAD_SLACK * (area + n * c):
+                groups[-1].append(i)
+                area += n * c
+                max_new, max_ctx = max(max_new, n), max(max_ctx, c)
+                continue
+        groups.append([i])
+        area, max_new, max_ctx = n * c, n, c
+    return groups
+
+
+def _prefill_group(
+    batch: ForwardBatch, members: list[int], cu_new: list[int], cu_ctx: list[int]
+) -> PrefillGroup:
+    """Index tensors of one padded group, built from host offsets and device slices (no sync)."""
+    device = batch.input_ids.device
+    new = [cu_new[i + 1] - cu_new[i] for i in members]
+    ctx = [cu_ctx[i + 1] - cu_ctx[i] for i in members]
+    max_new, max_ctx = max(new), max(ctx)
+    j = torch.arange(max_new, device=device)
+    pos = torch.arange(max_ctx, device=device)
+    rows, slots, masks, src, dst = [], [], [], [], []
+    for g, (i, n, c) in enumerate(zip(members, new, ctx)):
+        rows.append(j.clamp(max=n - 1) + cu_new[i])
+        slots.append(F.pad(batch.context_slots[cu_ctx[i] : cu_ctx[i + 1]], (0, max_ctx - c)))
+        # Query j sits at position c - n + j; padded queries (j >= n) see the whole context,
+        # so no row is fully masked (SDPA would return NaN) and their output is dropped.
+        masks.append((pos[None, :] <= (c - n + j)[:, None]) & (pos < c)[None, :])
+        src.append(torch.arange(n, device=device) + g * max_new)
+        dst.append(torch.arange(cu_new[i], cu_new[i] + n, device=device))
+    mask = torch.stack(masks)[:, None]
+    return PrefillGroup(torch.stack(rows), torch.stack(slots), mask, torch.cat(src), torch.cat(dst))
+
+
+def _plan_triton(batch: ForwardBatch) -> AttentionPlan:
+    """Which sequences go to the decode kernel and which to the extend kernel."""
+    from slmserve.kernels.decode import num_kv_splits
+
+    plan = AttentionPlan(batch, "triton")
+    new_lens, ctx_lens = batch.new_lens, batch.ctx_lens
+    num_seqs = len(new_lens)
+    n_dec = sum(1 for n in new_lens if n == 1)
+    device = batch.input_ids.device
+    if n_dec in (0, num_seqs):
+        seqs = torch.arange(num_seqs, device=device)
+        decode, extend = (seqs, None) if n_dec else (None, seqs)
+    else:
+        # Stable sort: decode sequences first, each group in batch order (no sync needed).
+        counts = batch.cu_new[1:] - batch.cu_new[:-1]
+        order = torch.argsort((counts != 1).to(torch.int8), stable=True)
+        decode, extend = order[:n_dec], order[n_dec:]
+    plan.decode_seqs, plan.extend_seqs = decode, extend
+    if decode is not None:
+        max_ctx = max(c for n, c in zip(new_lens, ctx_lens) if n == 1)
+        plan.num_splits = num_kv_splits(n_dec, max_ctx)
+    if extend is not None:
+        plan.max_new = max(new_lens)
+    return plan
+
+
+def write_kv(
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+) -> None:
+    """Store the new tokens' keys and values at ``plan.batch.out_slots`` (cast to the pool's
+    dtype). The Triton path skips rows whose slot is ``-1`` (CUDA-graph padding)."""
+    slots = plan.batch.out_slots
+    if plan.backend == "triton":
+        from slmserve.kernels.kv_store import store_kv
+
+        store_kv(k, v, k_pool, v_pool, slots)
+        return
+    k_pool.index_copy_(0, slots, k.to(k_pool.dtype))
+    v_pool.index_copy_(0, slots, v.to(v_pool.dtype))
 
 
 def attend(
@@ -101,6 +237,8 @@ def attend(
     :param v_pool: same for values.
     :returns: ``[T, heads, head_dim]``.
     """
+    if plan.backend == "triton":
+        return _attend_triton(q, k_pool, v_pool, plan, scale)
     heads, head_dim = q.shape[1:]
     kv_heads = k_pool.shape[1]
     group = heads // kv_heads
@@ -114,25 +252,59 @@ def attend(
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=plan.decode_mask, scale=scale)
         out[rows] = o.reshape(-1, heads, head_dim)
     for part in plan.prefills:
-        qp = q[part.start : part.end].transpose(0, 1)  # [heads, new, D]
-        k = _expand_kv(_gather(k_pool, part.slots).to(q.dtype), group)  # [heads, ctx, D]
-        v = _expand_kv(_gather(v_pool, part.slots).to(q.dtype), group)
-        o = F.scaled_dot_product_attention(
-            qp, k, v, attn_mask=part.mask, is_causal=part.mask is None, scale=scale
+        size, max_new = part.rows.shape
+        # [G, kv_heads, group * max_new, D]: query heads of a KV group folded into the query
+        # axis (as for decode), so K/V are read once per KV head, never expanded.
+        qp = q[part.rows].view(size, max_new, kv_heads, group, head_dim)
+        qp = qp.permute(0, 2, 3, 1, 4).reshape(size, kv_heads, group * max_new, head_dim)
+        k = _gather(k_pool, part.slots).to(q.dtype).transpose(1, 2)  # [G, kv, ctx, D]
+        v = _gather(v_pool, part.slots).to(q.dtype).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=part.folded_mask(group), scale=scale)
+        o = o.view(size, kv_heads, group, max_new, head_dim).permute(0, 3, 1, 2, 4)
+        o = o.reshape(size * max_new, heads, head_dim)
+        out.index_copy_(0, part.dst, o.index_select(0, part.src))
+    return out
+
+
+def _attend_triton(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: AttentionPlan, scale: float
+) -> torch.Tensor:
+    from slmserve.kernels.decode import decode_attention
+    from slmserve.kernels.extend import extend_attention
+
+    batch = plan.batch
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q)
+    if plan.decode_seqs is not None:
+        decode_attention(
+            q,
+            k_pool,
+            v_pool,
+            out,
+            seqs=plan.decode_seqs,
+            rows=batch.cu_new[plan.decode_seqs],
+            cu_ctx=batch.cu_ctx,
+            context_slots=batch.context_slots,
+            scale=scale,
+            num_splits=plan.num_splits,
         )
-        out[part.start : part.end] = o.transpose(0, 1)
+    if plan.extend_seqs is not None:
+        extend_attention(
+            q,
+            k_pool,
+            v_pool,
+            out,
+            seqs=plan.extend_seqs,
+            max_new=plan.max_new,
+            cu_new=batch.cu_new,
+            cu_ctx=batch.cu_ctx,
+            context_slots=batch.context_slots,
+            scale=scale,
+        )
     return out
 
 
 def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``pool[slots]`` via ``index_select`` on the flat index: about 2x faster on CPU."""
     return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, *pool.shape[1:])
-
-
-def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``[ctx, kv_heads, D]`` -> ``[heads, ctx, D]``; query head h reads kv head h // group."""
-    x = x.transpose(0, 1)
-    if group == 1:
-        return x
-    kv_heads, ctx, dim = x.shape
-    return x[:, None].expand(kv_heads, group, ctx, dim).reshape(kv_heads * group, ctx, dim)
