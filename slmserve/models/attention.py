@@ -1,9 +1,10 @@
-"""Attention over KV-pool slots: the torch reference path and the Triton path.
+"""Attention over KV-pool slots: the torch reference path, and the switch to the Triton path.
 
 :func:`plan_attention` turns a :class:`~slmserve.interfaces.ForwardBatch` into index tensors
 once per step; :func:`write_kv` and :func:`attend` then run every layer with them. The backend
 is chosen once, at load time, by :func:`resolve_backend`: ``"triton"`` (the kernels in
-:mod:`slmserve.kernels`) on CUDA when triton is importable, ``"torch"`` elsewhere.
+:mod:`slmserve.kernels`, planned by :mod:`slmserve.kernels.attention`) on CUDA when triton is
+importable, ``"torch"`` (this module) elsewhere.
 
 The torch path:
 
@@ -19,23 +20,21 @@ The torch path:
 
 Every index is built on the device from ``batch`` tensors; host-side ``new_lens``/``ctx_lens``
 only size the buffers, so a step needs no host<->device synchronisation.
-
-The Triton path splits the batch into decode sequences (split-K decode kernel) and extend
-sequences (extend kernel); both read context lengths and slots on the device. Its grids depend
-only on the number of sequences, ``max(new_lens)`` and the split count, never on the context
-lengths, so a decode step is replayable in a CUDA graph; there ``ctx_lens`` are upper bounds
-(they only choose the split count) and a row whose slot is ``-1`` writes no K/V.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from slmserve.interfaces import ForwardBatch
+
+if TYPE_CHECKING:
+    from slmserve.kernels.attention import TritonPlan
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
@@ -63,6 +62,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
                 "(or TRITON_INTERPRET=1 to run the kernels in Triton's interpreter, for tests)"
             )
     return name
+
 
 PAD_SLACK = 1.25
 """A prefill group may cost at most this much more attention area than its sequences need."""
@@ -92,15 +92,21 @@ class AttentionPlan:
     """Per-step indices shared by all layers (built once by :func:`plan_attention`)."""
 
     batch: ForwardBatch
-    backend: str = "torch"
     decode_rows: torch.Tensor | None = None  # [Bd] flat rows of the decode tokens
     decode_slots: torch.Tensor | None = None  # [Bd, max_ctx] pool slots (padding -> a valid slot)
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_ctx] bool, True = attend
     prefills: list[PrefillGroup] = field(default_factory=list)
 
 
-def plan_attention(batch: ForwardBatch) -> AttentionPlan:
-    """Build the gather indices and masks for one step (no host<->device sync)."""
+def plan_attention(batch: ForwardBatch, backend: str = "torch") -> AttentionPlan | TritonPlan:
+    """Build the gather indices and masks for one step (no host<->device sync).
+
+    ``backend`` is a name resolved by :func:`resolve_backend` (``"torch"`` or ``"triton"``).
+    """
+    if backend == "triton":
+        from slmserve.kernels.attention import plan_triton
+
+        return plan_triton(batch)
     plan = AttentionPlan(batch)
     new_lens, ctx_lens = batch.new_lens, batch.ctx_lens
     cu_new = [0, *accumulate(new_lens)]
@@ -178,56 +184,27 @@ def _prefill_group(
     return PrefillGroup(torch.stack(rows), torch.stack(slots), mask, torch.cat(src), torch.cat(dst))
 
 
-def _plan_triton(batch: ForwardBatch) -> AttentionPlan:
-    """Which sequences go to the decode kernel and which to the extend kernel."""
-    from slmserve.kernels.decode import num_kv_splits
-
-    plan = AttentionPlan(batch, "triton")
-    new_lens, ctx_lens = batch.new_lens, batch.ctx_lens
-    num_seqs = len(new_lens)
-    n_dec = sum(1 for n in new_lens if n == 1)
-    device = batch.input_ids.device
-    if n_dec in (0, num_seqs):
-        seqs = torch.arange(num_seqs, device=device)
-        decode, extend = (seqs, None) if n_dec else (None, seqs)
-    else:
-        # Stable sort: decode sequences first, each group in batch order (no sync needed).
-        counts = batch.cu_new[1:] - batch.cu_new[:-1]
-        order = torch.argsort((counts != 1).to(torch.int8), stable=True)
-        decode, extend = order[:n_dec], order[n_dec:]
-    plan.decode_seqs, plan.extend_seqs = decode, extend
-    if decode is not None:
-        max_ctx = max(c for n, c in zip(new_lens, ctx_lens) if n == 1)
-        plan.num_splits = num_kv_splits(n_dec, max_ctx)
-    if extend is not None:
-        plan.max_new = max(new_lens)
-    return plan
-
-
 def write_kv(
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    plan: AttentionPlan,
+    plan: AttentionPlan | TritonPlan,
 ) -> None:
     """Store the new tokens' keys and values at ``plan.batch.out_slots`` (cast to the pool's
-    dtype). The Triton path skips rows whose slot is ``-1`` (CUDA-graph padding)."""
-    slots = plan.batch.out_slots
-    if plan.backend == "triton":
-        from slmserve.kernels.kv_store import store_kv
-
-        store_kv(k, v, k_pool, v_pool, slots)
+    dtype)."""
+    if not isinstance(plan, AttentionPlan):
+        plan.write_kv(k_pool, v_pool, k, v)
         return
-    k_pool.index_copy_(0, slots, k.to(k_pool.dtype))
-    v_pool.index_copy_(0, slots, v.to(v_pool.dtype))
+    k_pool.index_copy_(0, plan.batch.out_slots, k.to(k_pool.dtype))
+    v_pool.index_copy_(0, plan.batch.out_slots, v.to(v_pool.dtype))
 
 
 def attend(
     q: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
-    plan: AttentionPlan,
+    plan: AttentionPlan | TritonPlan,
     scale: float,
 ) -> torch.Tensor:
     """Attention of the new tokens over their contexts in the pool.
@@ -237,8 +214,8 @@ def attend(
     :param v_pool: same for values.
     :returns: ``[T, heads, head_dim]``.
     """
-    if plan.backend == "triton":
-        return _attend_triton(q, k_pool, v_pool, plan, scale)
+    if not isinstance(plan, AttentionPlan):
+        return plan.attend(q, k_pool, v_pool, scale)
     heads, head_dim = q.shape[1:]
     kv_heads = k_pool.shape[1]
     group = heads // kv_heads
@@ -263,45 +240,6 @@ def attend(
         o = o.view(size, kv_heads, group, max_new, head_dim).permute(0, 3, 1, 2, 4)
         o = o.reshape(size * max_new, heads, head_dim)
         out.index_copy_(0, part.dst, o.index_select(0, part.src))
-    return out
-
-
-def _attend_triton(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: AttentionPlan, scale: float
-) -> torch.Tensor:
-    from slmserve.kernels.decode import decode_attention
-    from slmserve.kernels.extend import extend_attention
-
-    batch = plan.batch
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    out = torch.empty_like(q)
-    if plan.decode_seqs is not None:
-        decode_attention(
-            q,
-            k_pool,
-            v_pool,
-            out,
-            seqs=plan.decode_seqs,
-            rows=batch.cu_new[plan.decode_seqs],
-            cu_ctx=batch.cu_ctx,
-            context_slots=batch.context_slots,
-            scale=scale,
-            num_splits=plan.num_splits,
-        )
-    if plan.extend_seqs is not None:
-        extend_attention(
-            q,
-            k_pool,
-            v_pool,
-            out,
-            seqs=plan.extend_seqs,
-            max_new=plan.max_new,
-            cu_new=batch.cu_new,
-            cu_ctx=batch.cu_ctx,
-            context_slots=batch.context_slots,
-            scale=scale,
-        )
     return out
 
 

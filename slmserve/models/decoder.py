@@ -22,7 +22,7 @@ from torch import nn
 from slmserve.cache.kv_pool import KVPool
 from slmserve.interfaces import ForwardBatch
 from slmserve.models import rope
-from slmserve.models.attention import attend, plan_attention
+from slmserve.models.attention import attend, plan_attention, resolve_backend, write_kv
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -205,9 +205,12 @@ class Decoder(nn.Module):
     logits use ``model.embed_tokens.weight``.
     """
 
-    def __init__(self, cfg: DecoderConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, cfg: DecoderConfig, device: torch.device | str = "cpu", attention: str = "auto"
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.attention = resolve_backend(attention, torch.device(device))
         with torch.device("meta"):
             self.model = Body(cfg)
             if not cfg.tie_word_embeddings:
@@ -227,7 +230,7 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:  # type: ignore[override]
         """Hidden states ``[L, hidden]`` (after the final norm) at ``batch.logit_indices``."""
-        plan = plan_attention(batch)
+        plan = plan_attention(batch, self.attention)
         h = self.model.embed_tokens(batch.input_ids)
         cos, sin = rope.cos_sin(batch.positions, self.inv_freq, self.rope_scale, h.dtype)
         num_tokens = h.shape[0]
@@ -241,8 +244,7 @@ class Decoder(nn.Module):
             if attn.qk_norm:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
-            kv.k[i].index_copy_(0, batch.out_slots, k.to(kv.k[i].dtype))
-            kv.v[i].index_copy_(0, batch.out_slots, v.to(kv.v[i].dtype))
+            write_kv(kv.k[i], kv.v[i], k, v, plan)
             o = attend(q, kv.k[i], kv.v[i], plan, attn.scale)
             h = h + attn.o_proj(o.reshape(num_tokens, -1))
             if i == last:

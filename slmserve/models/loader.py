@@ -48,6 +48,12 @@ class NativeBackend(ModelBackend):
         self.device: torch.device = weight.device
         self.dtype: torch.dtype = weight.dtype
 
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """A decode step can be captured in a CUDA graph and replayed with other inputs: true
+        on the Triton path, whose shapes never depend on context lengths."""
+        return self.device.type == "cuda" and self.decoder.attention == "triton"
+
     def forward(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
         return self.decoder(batch, kv)
 
@@ -161,8 +167,12 @@ def load_model(
     *,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
+    attention: str = "auto",
 ) -> NativeBackend:
     """Load config, safetensors weights and tokenizer from a local directory.
+
+    ``attention`` is ``"auto"`` (Triton kernels on CUDA when triton is installed, else torch),
+    ``"torch"`` or ``"triton"`` (see :func:`slmserve.models.attention.resolve_backend`).
 
     Raises ``FileNotFoundError`` naming the missing file and the directory,
     :class:`UnsupportedModelError` (a ``ValueError`` and a ``PluginError``) naming the supported
@@ -174,6 +184,7 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     files = weight_files(path)
+    decoder = Decoder(dcfg, device=dev, attention=attention)  # a bad switch fails before I/O
 
     state = load_state(files, dev, dt)
     for key in list(state):
@@ -181,7 +192,6 @@ def load_model(
             dcfg.tie_word_embeddings and key == "lm_head.weight"
         ):
             del state[key]
-    decoder = Decoder(dcfg, device=dev)
     try:
         decoder.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:

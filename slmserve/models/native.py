@@ -23,9 +23,14 @@ def native_backend(
     *,
     device: str = "auto",
     dtype: str = "auto",
+    attention: str = "auto",
     **options: Any,
 ) -> NativeBackend:
-    """Native torch decoder (Llama, Qwen2, Qwen3); ``model_path`` None or "demo" is the demo."""
+    """Native torch decoder (Llama, Qwen2, Qwen3); ``model_path`` None or "demo" is the demo.
+
+    Option ``attention``: ``"auto"`` (Triton kernels on CUDA, torch elsewhere), ``"torch"`` or
+    ``"triton"``.
+    """
     if options:
         raise TypeError(f"unknown native backend options: {', '.join(sorted(options))}")
     from slmserve.models.loader import load_model
@@ -34,7 +39,7 @@ def native_backend(
         from slmserve.models.demo import ensure_demo_model
 
         model_path = ensure_demo_model()
-    return load_model(model_path, device=device, dtype=dtype)
+    return load_model(model_path, device=device, dtype=dtype, attention=attention)
 
 
 @hookimpl
