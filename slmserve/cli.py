@@ -14,6 +14,7 @@ import msgspec
 
 from slmserve.config import ConfigError, EngineConfig, load_config, parse_options
 from slmserve.interfaces import PluginError
+from slmserve.plan.cli import add_plan_parsers
 from slmserve.plugins import PluginManager
 from slmserve.score_cli import add_score_parser
 from slmserve.sim.cli import add_simulate_parser
@@ -236,6 +237,7 @@ def build_parser(plugins: PluginManager) -> tuple[argparse.ArgumentParser, dict[
     handlers["generate"] = cmd_generate
     handlers["score"] = add_score_parser(sub, plugins)
     handlers["simulate"] = add_simulate_parser(sub, plugins)
+    handlers.update(add_plan_parsers(sub, plugins))
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_serve_args(p)
