@@ -16,6 +16,7 @@ from slmserve.config import ConfigError, EngineConfig, load_config, parse_option
 from slmserve.interfaces import PluginError
 from slmserve.plan.cli import add_plan_parsers
 from slmserve.plugins import PluginManager
+from slmserve.routing.cli import add_route_parser
 from slmserve.score_cli import add_score_parser
 from slmserve.sim.cli import add_simulate_parser
 
@@ -73,6 +74,7 @@ def cmd_plugins(args: argparse.Namespace, plugins: PluginManager) -> int:
         "schedulers": plugins.schedulers,
         "compressors": plugins.compressors,
         "backends": plugins.backends,
+        "routers": plugins.routers,
     }
     rows = {
         kind: [
@@ -237,6 +239,7 @@ def build_parser(plugins: PluginManager) -> tuple[argparse.ArgumentParser, dict[
     handlers["generate"] = cmd_generate
     handlers["score"] = add_score_parser(sub, plugins)
     handlers["simulate"] = add_simulate_parser(sub, plugins)
+    handlers["route"] = add_route_parser(sub, plugins)
     handlers.update(add_plan_parsers(sub, plugins))
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")

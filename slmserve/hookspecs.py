@@ -70,6 +70,16 @@ def slmserve_register_backends(registry: Registry) -> None:
     """
 
 
+@hookspec
+def slmserve_register_routers(registry: Registry) -> None:
+    """Register multi-replica routing policies (``slmserve route --policy``, the simulator).
+
+    :param registry: ``registry.add(name, factory, description=...)``; ``factory(**options)``
+        returns a :class:`slmserve.routing.base.Router`. Options come from ``--policy-opt
+        KEY=VALUE``; an unknown or ill-typed option must raise ``TypeError``/``ValueError``.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Lifecycle hooks: called by the engine and by the server. May return awaitables.
 # --------------------------------------------------------------------------------------------

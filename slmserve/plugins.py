@@ -40,6 +40,10 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slmserve.compressors.summary",
     "slmserve.models.native",
     "slmserve.models.null",
+    "slmserve.routing.round_robin",
+    "slmserve.routing.least_load",
+    "slmserve.routing.cache_aware",
+    "slmserve.routing.d2lpm",
 )
 """Modules registered as plugins before any third-party one, through the same hooks."""
 
@@ -59,7 +63,8 @@ class Entry(Generic[F]):
 
 
 class Registry(Generic[F]):
-    """Name -> factory table for one kind of extension (schedulers, compressors, backends)."""
+    """Name -> factory table for one kind of extension (schedulers, compressors, backends,
+    routers)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -138,6 +143,9 @@ class PluginManager:
         )
         self.backends: Registry[Callable[..., Any]] = self._collect(
             "backend", "slmserve_register_backends"
+        )
+        self.routers: Registry[Callable[..., Any]] = self._collect(
+            "router", "slmserve_register_routers"
         )
 
     @property

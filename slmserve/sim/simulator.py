@@ -240,6 +240,166 @@ class SimResult:
 # ---------------------------------------------------------------------------- the loop
 
 
+class SimEngine:
+    """One simulated engine replica, stepped by a driver: :func:`simulate` drives one, the
+    cluster simulator (:mod:`slmserve.sim.cluster`) drives several side by side in time.
+
+    A step is split in two so a driver can queue arrivals while it "runs": :meth:`begin` plans
+    it at ``now`` and returns its end time; :meth:`complete` applies it (prefix insertion,
+    sampled tokens, finishes, the scheduler's ``on_step``) and returns the requests that
+    finished. ``records`` may be shared between engines (one record per request).
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        config: SimConfig,
+        cost: CostModel,
+        clients: Sequence[str],
+        records: dict[str, RequestRecord],
+        *,
+        check: bool = False,
+        trace: bool = False,
+    ) -> None:
+        self.scheduler = scheduler
+        self.config = config
+        self.cost = cost
+        self.clients = list(clients)
+        self.cindex = {c: i for i, c in enumerate(self.clients)}
+        self.records = records
+        self.check = check
+        self.trace = trace
+        self.core = EngineCore(
+            SlotAllocator(config.kv_tokens),
+            scheduler,
+            CoreLimits(
+                max_batch_tokens=config.max_batch_tokens,
+                chunked_prefill_size=config.chunked_prefill_size,
+                max_running_requests=config.max_running_requests,
+                max_model_len=sys.maxsize,
+            ),
+        )
+        self.waiting_per_client = [0] * len(self.clients)
+        self.client_of: dict[str, int] = {}
+        self.rids: list[str] = []
+        """Requests added here, in order."""
+        self.log = _StepLogBuilder(len(self.clients))
+        self.step_trace: list[tuple[float, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = []
+        self._plan: StepPlan | None = None
+        self._start = self._end = 0.0
+        self._has_waiting: list[bool] = []
+        self._before = (0, 0)
+
+    def add(self, r: SimRequest, at: float) -> None:
+        """``r`` arrives at ``at`` (also while a step is in flight, as in the engine)."""
+        params = SamplingParams(max_tokens=r.output_len, ignore_eos=True)
+        seq = Seq(
+            r.rid,
+            r.prompt.tolist(),
+            params,
+            arrival_time=at,
+            client_id=r.client,
+            eos_ids=frozenset(),
+        )
+        rec = self.records.get(r.rid)
+        if rec is None:
+            rec = self.records[r.rid] = RequestRecord(
+                rid=r.rid, client=r.client, group=r.group, arrival=at, prompt_tokens=len(r.prompt)
+            )
+        rec.arrival = at
+        ci = self.cindex[r.client]
+        self.client_of[r.rid] = ci
+        self.waiting_per_client[ci] += 1
+        self.rids.append(r.rid)
+        self.core.add(seq, at)
+
+    def has_work(self) -> bool:
+        return self.core.has_work()
+
+    @property
+    def busy(self) -> bool:
+        """A step is planned and not completed yet."""
+        return self._plan is not None
+
+    def begin(self, now: float) -> float | None:
+        """Plan one step at ``now``; return its end time, or ``None`` if the plan had nothing
+        to run because everything running was preempted (accounted; plan again)."""
+        assert self._plan is None, "complete() the step in flight first"
+        if len(self.log) >= self.config.max_steps:
+            raise SimulationError(f"no end after {self.config.max_steps} steps (livelock?)")
+        core, records = self.core, self.records
+        self._has_waiting = [c > 0 for c in self.waiting_per_client]
+        self._before = (len(core.waiting), len(core.running))
+        plan = core.plan_step(now)
+        for rid in plan.admitted:
+            self.waiting_per_client[self.client_of[rid]] -= 1
+            rec = records[rid]
+            if rec.admissions == 0:
+                rec.first_scheduled = now
+            rec.admissions += 1
+        for rid in plan.preempted:
+            self.waiting_per_client[self.client_of[rid]] += 1
+            records[rid].preemptions += 1
+        if not plan.items:
+            if plan.preempted:  # everything running was preempted: account, plan again
+                self.scheduler.on_step(core.complete_step(plan, {}))
+                return None
+            head = next(iter(core.waiting))
+            raise SimulationError(f"nothing can run although {head!r} waits on an idle engine")
+        self._plan, self._start = plan, now
+        self._end = now + self.cost.step_time(plan)
+        return self._end
+
+    def complete(self) -> tuple[str, ...]:
+        """Apply the step in flight at its end time; return the ids that finished."""
+        plan, core, end = self._plan, self.core, self._end
+        assert plan is not None, "no step in flight"
+        self._plan = None
+        sampled = {item.seq.rid: OUTPUT_TOKEN for item in plan.items if item.sample}
+        report = core.complete_step(plan, sampled)
+        for item in plan.items:
+            seq = item.seq
+            if not item.sample or seq.status is not Status.RUNNING:
+                continue
+            rec = self.records[seq.rid]
+            if rec.first_token is None:
+                rec.first_token = end
+                rec.cached_tokens = seq.num_cached_tokens
+            reason = core.stop_reason(seq)
+            if reason is not None:
+                core.finish(seq, reason)
+                rec.finish = end
+                rec.output_tokens = len(seq.output_ids)
+        report.finished = core.take_finished()
+        self.scheduler.on_step(report)
+        if self.check:
+            _check(core)
+        self.log.add(self._start, end, *self._before, plan, self._has_waiting)
+        for rid, (_client, prompt_part, out) in report.computed.items():
+            self.log.serve(self.client_of[rid], prompt_part, out)
+        finished = tuple(report.finished)
+        if self.trace:
+            self.step_trace.append(
+                (self._start, tuple(plan.admitted), tuple(plan.preempted), finished)
+            )
+        return finished
+
+    def result(self, rids: Sequence[str] | None = None, *, wall_time: float = 0.0) -> SimResult:
+        """The run so far; ``records`` of ``rids`` (default: the requests added here)."""
+        core = self.core
+        return SimResult(
+            records=[self.records[rid] for rid in (self.rids if rids is None else rids)],
+            steps=self.log.build(self.clients),
+            prefix_hits=core.prefix_hits,
+            prefix_queries=core.prefix_queries,
+            prompt_tokens_computed=core.prompt_tokens_computed,
+            num_preemptions=core.num_preemptions,
+            num_evicted_tokens=core.num_evicted_tokens,
+            wall_time=wall_time,
+            trace=self.step_trace,
+        )
+
+
 def simulate(
     requests: Iterable[SimRequest],
     scheduler: Scheduler,
@@ -276,19 +436,6 @@ def simulate(
     reqs = sorted(requests, key=lambda r: (r.arrival, r.rid))
     _validate(reqs, config)
     clients = sorted({r.client for r in reqs})
-    cindex = {c: i for i, c in enumerate(clients)}
-    nclients = len(clients)
-
-    core = EngineCore(
-        SlotAllocator(config.kv_tokens),
-        scheduler,
-        CoreLimits(
-            max_batch_tokens=config.max_batch_tokens,
-            chunked_prefill_size=config.chunked_prefill_size,
-            max_running_requests=config.max_running_requests,
-            max_model_len=sys.maxsize,
-        ),
-    )
     records = {
         r.rid: RequestRecord(
             rid=r.rid,
@@ -299,26 +446,8 @@ def simulate(
         )
         for r in reqs
     }
-    waiting_per_client = [0] * nclients
-    client_of: dict[str, int] = {}
-    log = _StepLogBuilder(nclients)
-    step_trace: list[tuple[float, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = []
-
-    def arrive(r: SimRequest, at: float) -> None:
-        params = SamplingParams(max_tokens=r.output_len, ignore_eos=True)
-        seq = Seq(
-            r.rid,
-            r.prompt.tolist(),
-            params,
-            arrival_time=at,
-            client_id=r.client,
-            eos_ids=frozenset(),
-        )
-        records[r.rid].arrival = at
-        ci = cindex[r.client]
-        client_of[r.rid] = ci
-        waiting_per_client[ci] += 1
-        core.add(seq, at)
+    engine = SimEngine(scheduler, config, cost, clients, records, check=check, trace=trace)
+    waiting_per_client = engine.waiting_per_client
 
     # One source in arrival order, or one per client (closed loop per client).
     sources: list[deque[SimRequest]] = [deque(reqs)]
@@ -332,93 +461,38 @@ def simulate(
             src = sources[0]
             while src and (src[0].arrival < t if before else src[0].arrival <= t):
                 r = src.popleft()
-                arrive(r, r.arrival)
+                engine.add(r, r.arrival)
         elif per_client:
             for ci, src in enumerate(sources):
                 while src and waiting_per_client[ci] < backlog:
-                    arrive(src.popleft(), t)
+                    engine.add(src.popleft(), t)
         else:
             src = sources[0]
-            while src and len(core.waiting) < backlog:
-                arrive(src.popleft(), t)
+            while src and len(engine.core.waiting) < backlog:
+                engine.add(src.popleft(), t)
 
     wall0 = time.perf_counter()
     now = 0.0
     while True:
         release(now)
-        if not core.has_work():
+        if not engine.has_work():
             if backlog is not None or not sources[0]:
                 break  # (a closed loop idles only when every source is empty)
             now = sources[0][0].arrival  # idle: jump to the next arrival
             continue
         if until is not None and now >= until:
             break
-        if len(log) >= config.max_steps:
-            raise SimulationError(f"no end after {config.max_steps} steps (livelock?)")
-
-        has_waiting = [c > 0 for c in waiting_per_client]
-        waiting_before, running_before = len(core.waiting), len(core.running)
-        plan = core.plan_step(now)
-        for rid in plan.admitted:
-            waiting_per_client[client_of[rid]] -= 1
-            rec = records[rid]
-            if rec.admissions == 0:
-                rec.first_scheduled = now
-            rec.admissions += 1
-        for rid in plan.preempted:
-            waiting_per_client[client_of[rid]] += 1
-            records[rid].preemptions += 1
-        if not plan.items:
-            if plan.preempted:  # everything running was preempted: account, plan again
-                scheduler.on_step(core.complete_step(plan, {}))
-                continue
-            head = next(iter(core.waiting))
-            raise SimulationError(f"nothing can run although {head!r} waits on an idle engine")
-
-        end = now + cost.step_time(plan)
+        end = engine.begin(now)
+        if end is None:
+            continue
         if backlog is None:
             # In the engine, requests submitted while the model runs are queued before the step
             # completes (so, e.g., the scheduler sees their on_arrival before this on_step).
             release(end, before=True)
-        sampled = {item.seq.rid: OUTPUT_TOKEN for item in plan.items if item.sample}
-        report = core.complete_step(plan, sampled)
-        for item in plan.items:
-            seq = item.seq
-            if not item.sample or seq.status is not Status.RUNNING:
-                continue
-            rec = records[seq.rid]
-            if rec.first_token is None:
-                rec.first_token = end
-                rec.cached_tokens = seq.num_cached_tokens
-            reason = core.stop_reason(seq)
-            if reason is not None:
-                core.finish(seq, reason)
-                rec.finish = end
-                rec.output_tokens = len(seq.output_ids)
-        report.finished = core.take_finished()
-        scheduler.on_step(report)
-        if check:
-            _check(core)
-        log.add(now, end, waiting_before, running_before, plan, has_waiting)
-        for rid, (_client, prompt_part, out) in report.computed.items():
-            log.serve(client_of[rid], prompt_part, out)
-        if trace:
-            step_trace.append(
-                (now, tuple(plan.admitted), tuple(plan.preempted), tuple(report.finished))
-            )
+        engine.complete()
         now = end
 
-    return SimResult(
-        records=[records[r.rid] for r in reqs],
-        steps=log.build(clients),
-        prefix_hits=core.prefix_hits,
-        prefix_queries=core.prefix_queries,
-        prompt_tokens_computed=core.prompt_tokens_computed,
-        num_preemptions=core.num_preemptions,
-        num_evicted_tokens=core.num_evicted_tokens,
-        wall_time=time.perf_counter() - wall0,
-        trace=step_trace,
-    )
+    return engine.result([r.rid for r in reqs], wall_time=time.perf_counter() - wall0)
 
 
 class _StepLogBuilder:

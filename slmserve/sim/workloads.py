@@ -23,6 +23,8 @@ Generators (``WORKLOADS``):
   does not turn them into free hits.
 * ``locality-mix`` — the DLPM setting: client ``docs`` asks short questions about a few long
   documents (high prefix reuse), client ``unique`` sends unique prompts; both Poisson.
+* ``zipf-clients`` — the multi-replica setting: clients with Zipf-skewed rates, each with its
+  own Zipf-popular prefixes (:mod:`slmserve.sim.cluster`).
 * ``trace`` — replay a JSONL file (:class:`TraceEntry` per line).
 """
 
@@ -397,6 +399,79 @@ def locality_mix(
     return Workload("locality-mix", reqs, params, kv_tokens)
 
 
+def _zipf(n: int, skew: float) -> np.ndarray:
+    """Probabilities of ranks ``1..n`` under Zipf's law with exponent ``skew`` (0: uniform)."""
+    if n < 1:
+        raise ValueError(f"need at least one rank, got {n}")
+    if skew < 0 or math.isnan(skew):
+        raise ValueError(f"a Zipf exponent must be >= 0, got {skew}")
+    w = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** skew
+    return w / w.sum()
+
+
+def zipf_clients(
+    *,
+    seed: int = 0,
+    num_requests: int = 4000,
+    clients: int = 8,
+    client_skew: float = 1.2,
+    prefixes_per_client: int = 4,
+    prefix_skew: float = 1.0,
+    prefix_len: LenSpec = (1024, 2048),
+    suffix_len: LenSpec = (32, 256),
+    output_len: LenSpec = (16, 64),
+    rate: float = 40.0,
+    kv_tokens: int = 32_768,
+) -> Workload:
+    """Skewed clients with Zipf-popular prefixes: the multi-replica routing scenario.
+
+    Client ``c`` (``client0`` the heaviest) sends a share of the ``num_requests`` Poisson
+    arrivals proportional to ``1 / (c + 1) ** client_skew``. Each client has its own
+    ``prefixes_per_client`` prefixes (documents, system prompts) of ``prefix_len`` tokens, picked
+    with Zipf(``prefix_skew``) popularity, followed by a unique suffix. So a few prefixes carry
+    much of the traffic, mostly from one client: routing every request to the replica that
+    caches its prefix overloads that replica, spreading blindly loses the reuse.
+    """
+    rng = np.random.default_rng(seed)
+    rate = _positive("rate", rate)
+    client_p = _zipf(clients, float(client_skew))
+    prefix_p = _zipf(prefixes_per_client, float(prefix_skew))
+    plens = _lengths(rng, prefix_len, clients * prefixes_per_client, "prefix_len")
+    prefixes = [_tokens(rng, max(1, int(n))) for n in plens]
+    who = rng.choice(clients, size=num_requests, p=client_p)
+    which = rng.choice(prefixes_per_client, size=num_requests, p=prefix_p)
+    suffixes = _lengths(rng, suffix_len, num_requests, "suffix_len")
+    outputs = _lengths(rng, output_len, num_requests, "output_len")
+    times = _poisson_times(rng, rate, num_requests)
+    reqs = []
+    for j in range(num_requests):
+        c, k = int(who[j]), int(which[j])
+        reqs.append(
+            SimRequest(
+                rid=f"r{j}",
+                arrival=float(times[j]),
+                prompt=np.concatenate(
+                    [prefixes[c * prefixes_per_client + k], _tokens(rng, int(suffixes[j]))]
+                ),
+                output_len=max(1, int(outputs[j])),
+                client=f"client{c}",
+                group=f"c{c}-p{k}",
+            )
+        )
+    params = {
+        "num_requests": num_requests,
+        "clients": clients,
+        "client_skew": client_skew,
+        "prefixes_per_client": prefixes_per_client,
+        "prefix_skew": prefix_skew,
+        "prefix_len": prefix_len,
+        "suffix_len": suffix_len,
+        "output_len": output_len,
+        "rate": rate,
+    }
+    return Workload("zipf-clients", reqs, params, kv_tokens)
+
+
 # ---------------------------------------------------------------------------- traces
 
 
@@ -532,6 +607,7 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "vtc-on-off-overload": _vtc_suite("vtc-on-off-overload", (2.0, 3.0), 600.0, on_off=60.0),
     "vtc-poisson-short-long-2": vtc_poisson_short_long_2,
     "locality-mix": locality_mix,
+    "zipf-clients": zipf_clients,
     "trace": _trace,
 }
 """Name -> generator ``(seed=..., **options) -> Workload``."""
