@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from slmserve.compress_cli import add_compress_parser
 from slmserve.config import ConfigError, EngineConfig, load_config, parse_options
 from slmserve.interfaces import PluginError
 from slmserve.plan.cli import add_plan_parsers
@@ -241,6 +242,7 @@ def build_parser(plugins: PluginManager) -> tuple[argparse.ArgumentParser, dict[
     handlers["simulate"] = add_simulate_parser(sub, plugins)
     handlers["route"] = add_route_parser(sub, plugins)
     handlers.update(add_plan_parsers(sub, plugins))
+    handlers["compress"] = add_compress_parser(sub, plugins)
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_serve_args(p)
