@@ -157,7 +157,7 @@ def _provenance(engine: Any, config: Any) -> Any:
         cpu_count=os.cpu_count() or 0,
         device=info.device,
         device_name=device_name,
-        torch_version=torch.__version__,
+        torch_version=str(torch.__version__),
         torch_threads=torch.get_num_threads(),
         python_version=platform.python_version(),
         slmserve_version=slmserve.__version__,
