@@ -44,7 +44,7 @@ from slmserve.plugins import Registry
 from slmserve.routing.base import Outcome, Router, RouteRequest, number_option
 from slmserve.routing.tree import PrefixTree
 
-DEFAULT_QUANTUM = 8192.0
+DEFAULT_QUANTUM = 32768.0
 """Our default (the paper's is not recovered): a few typical requests' cost per replica."""
 
 TRIM_TO = 0.9
