@@ -44,6 +44,7 @@ def add_compress_parser(subparsers: Any, plugins: PluginManager) -> Callable[...
         "--model", help="serving checkpoint whose tokenizer counts tokens (default: the demo)"
     )
     p.add_argument("--batch-size", type=int, default=64, help="items per compressor call")
+    p.add_argument("--torch-threads", type=int, help="CPU threads for a summary model")
     p.add_argument("--output", metavar="FILE.jsonl", help='write {"id", "text"} per item')
     p.add_argument("--no-progress", action="store_true")
     return cmd_compress
@@ -58,6 +59,12 @@ def cmd_compress(args: argparse.Namespace, plugins: PluginManager) -> int:
 
     if args.batch_size < 1:
         raise CLIError("--batch-size must be at least 1")
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            raise CLIError("--torch-threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     records = read_items(Path(args.items))
     compressors = compressor_chain(args, plugins)
     tokenizer = serving_tokenizer(args.model)
