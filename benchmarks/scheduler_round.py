@@ -1,11 +1,14 @@
 """One scheduling round of each built-in policy at 1,024 and 8,192 waiting requests.
 
 A round is what the engine does before admitting: refresh every waiting request's
-``matched_len`` against the radix cache (``RadixCache.match_prefix``, policy-independent), then
-call ``order()``. Both parts are timed separately per round with ``perf_counter_ns``; GC is off
-while timing. Between rounds (untimed) the first 16 requests of the order are admitted and
-reported through ``on_step`` and 16 fresh requests arrive, so stateful policies (k-LPM's cycle,
-VTC's counters, DLPM's deficits and refills) run as they would in the engine.
+``matched_len`` against the radix cache (``RadixCache.match_length`` resumed from the request's
+mark of the previous round, exactly as ``EngineCore`` does; policy-independent), then call
+``order()``. Both parts are timed separately per round with ``perf_counter_ns``; GC is off
+while timing. Between rounds (untimed) the first 16 requests of the order are admitted, their
+prompts inserted into the cache (as the engine does after their prefill, so the tree keeps
+changing under the waiting queue's marks) and reported through ``on_step``, and 16 fresh
+requests arrive, so stateful policies (k-LPM's cycle, VTC's counters, DLPM's deficits and
+refills) run as they would in the engine.
 
 Workload: 8 clients; 64 shared 256-token system prompts (half of them cached); each request is
 a system prompt plus 32-256 unique tokens, except that a quarter re-send one of 512 earlier,
@@ -34,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slmserve.cache.kv_pool import SlotAllocator
-from slmserve.cache.radix import RadixCache
+from slmserve.cache.radix import Mark, RadixCache
 from slmserve.interfaces import Scheduler
 from slmserve.schedulers.dlpm import DLPM
 from slmserve.schedulers.fcfs import FCFS
@@ -101,6 +104,7 @@ class Bench:
         self.sched = POLICIES[name]()
         self.work = Workload(seed)
         self.waiting: dict[str, tuple[SchedRequest, np.ndarray]] = {}
+        self.marks: dict[str, Mark] = {}
         self.refresh_ms: list[float] = []
         self.order_ms: list[float] = []
         for _ in range(n):
@@ -116,8 +120,10 @@ class Bench:
         gc.collect()
         gc.disable()
         t0 = time.perf_counter_ns()
+        marks = self.marks
         for r, tokens in waiting.values():
-            r.matched_len = min(cache.match_prefix(tokens).length, r.prompt_len - 1)
+            length, marks[r.rid] = cache.match_length(tokens, marks.get(r.rid))
+            r.matched_len = min(length, r.prompt_len - 1)
         t1 = time.perf_counter_ns()
         order = self.sched.order([r for r, _ in waiting.values()], now)
         t2 = time.perf_counter_ns()
@@ -131,7 +137,11 @@ class Bench:
         report = StepReport(now=now, admitted=[r.rid for r in admitted], computed=computed)
         self.sched.on_step(report)
         for r in admitted:
-            del waiting[r.rid]
+            _, tokens = waiting.pop(r.rid)
+            del self.marks[r.rid]
+            cached = cache.match_prefix(tokens).slots
+            fresh = cache.allocator.alloc(len(tokens) - len(cached))
+            cache.insert(tokens, np.concatenate([cached, fresh]))
         for _ in range(ADMIT):
             self._arrive(now)
 
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per policy and size")
     args = ap.parse_args(argv)
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}; GC off while timing")
-    print("refresh = radix match_prefix over the whole queue (engine work, same for every policy)")
+    print("refresh = radix match_length over the whole queue (engine work, same for every policy)")
     failures = []
     for n in (1024, 8192):
         rounds = args.rounds or (10 if args.quick else (200 if n == 1024 else 60))

@@ -3,9 +3,12 @@
 Design choices, and why (SGLang's ``RadixCache`` is the reference point, see
 ``docs/cache.md``):
 
-- ``match_prefix`` never mutates the tree: a match that ends inside an edge returns that
-  partially matched node as the handle to lock. Only ``insert`` splits, so the scheduler can
-  re-match a whole waiting queue every round without reshaping the tree or the LRU order.
+- Matching comes in three strengths. ``match_length`` (the scheduler's per-round refresh of
+  the whole waiting queue) gathers no slots and can resume from the node an earlier call
+  reached, so a request whose path did not change costs one dict lookup. ``match_prefix``
+  returns the slots and never mutates the tree. ``match_prefix(split=True)`` (admission)
+  splits an edge the match ends inside, so the node to lock covers exactly the matched
+  tokens and never pins the edge's unused tail against eviction.
 - Prefix comparison is one ``bytes`` compare (a ``memcmp``) on the common case of a fully
   matching edge; only a mismatching edge pays for a numpy ``!=``/``argmax`` to find where. No
   Python loop ever runs over tokens.
@@ -92,6 +95,11 @@ class RadixNode:
         )
 
 
+Mark = tuple["RadixNode", int]
+"""A node and the depth (in tokens) where its edge ends: where :meth:`RadixCache.match_length`
+stopped, to resume from next time."""
+
+
 class MatchResult(NamedTuple):
     length: int
     """Number of leading tokens found in the tree."""
@@ -156,8 +164,15 @@ class RadixCache:
         neq = child.key[:n] != tokens[pos : pos + n]
         return int(neq.argmax())  # first mismatch; there is one since the bytes differ
 
-    def match_prefix(self, tokens: np.ndarray | Sequence[int]) -> MatchResult:
-        """Longest cached prefix of ``tokens``. Mutates nothing (no split, no LRU touch)."""
+    def match_prefix(
+        self, tokens: np.ndarray | Sequence[int], *, split: bool = False
+    ) -> MatchResult:
+        """Longest cached prefix of ``tokens``, with its slots. No LRU touch.
+
+        A match ending inside an edge returns that edge's node (which reaches past the match),
+        unless ``split``: then the edge is cut at the match and the new upper node returned,
+        so locking it pins exactly the matched tokens.
+        """
         tokens = _as_tokens(tokens)
         tb = tokens.tobytes()
         n = len(tokens)
@@ -170,13 +185,45 @@ class RadixCache:
             k = len(child.key)
             if tb[8 * pos : 8 * (pos + k)] != child._kb:  # not the whole edge (rare)
                 k = self._common_len(child, tokens, tb, pos)
-            node = child
             pos += k
             if k < len(child.key):
+                if split:
+                    child = self._split(child, k)
+                node = child
                 pieces.append(child.slots[:k])
                 break
+            node = child
             pieces.append(child.slots)
         return MatchResult(pos, node, _concat(pieces))
+
+    def match_length(
+        self, tokens: np.ndarray | Sequence[int], resume: Mark | None = None
+    ) -> tuple[int, Mark]:
+        """Length of the longest cached prefix of ``tokens``, and a mark to resume from.
+
+        ``resume`` is the mark an earlier call returned for a prefix of the same tokens. The
+        walk restarts there when that node is still in the tree: the path above a node never
+        changes while it is attached (eviction detaches leaves only; a split keeps the lower
+        half in the original object, so the node's end depth holds), so only new children
+        below it can extend the match. Mutates nothing.
+        """
+        if not (type(tokens) is np.ndarray and tokens.dtype == np.int64 and tokens.ndim == 1):
+            tokens = _as_tokens(tokens)  # the engine's keys already are; skip the conversion
+        n = len(tokens)
+        node, pos = self.root, 0
+        if resume is not None:
+            mark_node, depth = resume
+            if depth <= n and (mark_node.parent is not None or mark_node is self.root):
+                node, pos = mark_node, depth
+        while pos < n:
+            child = node.children.get(int(tokens[pos]))
+            if child is None:
+                break
+            k = len(child.key)
+            if tokens[pos : pos + k].tobytes() != child._kb:  # ends inside this edge
+                return pos + self._common_len(child, tokens, tokens.tobytes(), pos), (node, pos)
+            node, pos = child, pos + k
+        return pos, (node, pos)
 
     def insert(
         self, tokens: np.ndarray | Sequence[int], slots: np.ndarray | Sequence[int]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from slmserve.cache.kv_pool import KVCacheExhausted, SlotAllocator
-from slmserve.cache.radix import MatchResult, RadixCache
+from slmserve.cache.radix import RadixCache
 from slmserve.engine.sequence import Sequence, Status
 from slmserve.interfaces import Scheduler
 from slmserve.types import FinishReason, StepReport
@@ -185,31 +185,33 @@ class EngineCore:
         self.num_preemptions += 1
         self.scheduler.on_arrival(seq.sched, plan.now)
 
-    def _match(self, seq: Sequence) -> MatchResult:
-        """Longest cached prefix of ``seq`` now; sets the scheduler view's ``matched_len``."""
-        match = self.cache.match_prefix(seq.key(len(seq.tokens)))
-        # At least one token must run so the request gets logits; a request that wants
-        # prompt log-probabilities must compute its whole prompt (cached KV has no logits).
-        usable = 0 if seq.prompt_logprobs is not None else len(seq.tokens) - 1
-        seq.sched.matched_len = min(match.length, usable)
-        return match
+    def _usable(self, seq: Sequence, length: int) -> int:
+        """Cached tokens a request may reuse: at least one token must run so the request gets
+        logits, and a request that wants prompt log-probabilities computes its whole prompt
+        (cached KV has no logits)."""
+        return min(length, 0 if seq.prompt_logprobs is not None else len(seq.tokens) - 1)
+
+    def _refresh(self, seq: Sequence) -> None:
+        """The scheduler view's ``matched_len`` now (length only, resumed from last round)."""
+        length, seq.match_mark = self.cache.match_length(seq.key(len(seq.tokens)), seq.match_mark)
+        seq.sched.matched_len = self._usable(seq, length)
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
         # Policies that never read matched_len (FCFS, VTC) skip the per-round refresh of the
         # whole queue; the requests actually admitted are matched below either way.
-        matches: dict[str, MatchResult] = {}
         if self.scheduler.uses_prefix_match:
-            matches = {seq.rid: self._match(seq) for seq in self.waiting.values()}
-        evicted = self.num_evicted_tokens
+            for seq in self.waiting.values():
+                self._refresh(seq)
         reserve = len(self.running)  # the next decode token of every running request
         order = self.scheduler.order([s.sched for s in self.waiting.values()], plan.now)
         for view in order:
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
                 break
             seq = self.waiting[view.rid]
-            match = matches.get(seq.rid)
-            if match is None or self.num_evicted_tokens != evicted:
-                match = self._match(seq)  # not matched yet, or an admission above evicted
+            # Matched afresh (an admission above may have evicted), splitting a partly
+            # matched edge so the lock below pins only what this request reuses.
+            match = self.cache.match_prefix(seq.key(len(seq.tokens)), split=True)
+            seq.sched.matched_len = self._usable(seq, match.length)
             matched = seq.sched.matched_len
             n = min(len(seq.tokens) - matched, self.limits.chunked_prefill_size, budget)
             self.cache.lock(match.node)

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from slmserve.cache.kv_pool import KVCacheExhausted, SlotAllocator
-from slmserve.cache.radix import RadixCache, RadixNode
+from slmserve.cache.radix import Mark, RadixCache, RadixNode
 
 NUM_SLOTS = 64
 MAX_LEN = 12
@@ -66,6 +66,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.private: list[np.ndarray] = []
         self.running: list[Request] = []
         self.seen: set[tuple[int, ...]] = set()
+        self.marks: dict[tuple[int, ...], Mark] = {}
 
     # ------------------------------------------------------------------ reference
 
@@ -126,6 +127,14 @@ class CacheMachine(RuleBasedStateMachine):
         self.check_match(tokens)
         after = [(id(x), x.lock_ref, x.last_access, len(x.key)) for x in nodes_of(self.cache)]
         assert before == after  # match never splits or touches
+
+    @rule(tokens=token_seqs)
+    def match_and_split(self, tokens: tuple[int, ...]) -> None:
+        """Admission's match: same answer, and the node ends exactly where the match does."""
+        self.seen.add(tokens)
+        m = self.cache.match_prefix(np.array(tokens, dtype=np.int64), split=True)
+        assert m.length == self.ref_len(tokens)
+        assert sum(len(node.key) for node in self._path(m.node)) == m.length
 
     def pick(self, tokens: tuple[int, ...], base: int, cut: int) -> tuple[int, ...]:
         """Half the time, extend a prefix of a sequence seen before (shared prefixes)."""
@@ -277,6 +286,9 @@ class CacheMachine(RuleBasedStateMachine):
         assert self.cache.total_size == len(self.model)
         for tokens in self.seen:
             self.check_match(tokens)
+            # The scheduler's refresh: resumed from last time's mark, as the engine does.
+            length, self.marks[tokens] = self.cache.match_length(tokens, self.marks.get(tokens))
+            assert length == self.ref_len(tokens), (tokens, length)
         for tokens in self.model:
             self.check_match(tokens)
 

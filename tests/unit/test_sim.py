@@ -25,7 +25,6 @@ from slmserve.sim import (
     CostModel,
     SimConfig,
     SimRequest,
-    SimulationError,
     TraceEntry,
     make_workload,
     measure_capacity,
@@ -192,14 +191,11 @@ def test_admission_that_evicts_a_later_requests_match() -> None:
     assert all(rec.finish is not None for rec in r.records)
 
 
-@pytest.mark.xfail(raises=SimulationError, strict=True, reason="EngineCore locks whole edge")
 def test_partially_matched_edge_does_not_block_an_idle_engine() -> None:
-    """``b`` matches 3 tokens inside the cached edge ``[2, 3, 9, 1]``; locking that node pins
-    its unused tail too, so ``b``'s chunk (3 slots) sees only the 2 free ones and the
-    idle engine cannot admit a request that fits it. Splitting the edge at the match before
-    locking (or not counting the tail as pinned) would let ``b`` run; until then the engine
-    fails such a request as "does not fit in the KV cache".
-    """
+    """``b`` matches 3 tokens inside the cached edge ``[1, 2, 3, 9, 1]``. Admission splits the
+    edge at the match before locking, so the unused tail ``[9, 1]`` stays evictable and ``b``'s
+    chunk (3 slots) fits: 2 free + 2 evicted. Locking the whole edge would leave only the 2 free
+    slots and the idle engine would fail ``b`` as "does not fit in the KV cache"."""
     reqs = [req("a", 0.0, [1, 2, 3, 9, 1]), req("b", 1.0, [1, 2, 3, 4, 5, 6])]
     config = SimConfig(kv_tokens=7, max_batch_tokens=5, chunked_prefill_size=5)
     r = simulate(reqs, FCFS(), config, UNIT, check=True)
