@@ -185,16 +185,17 @@ class EngineCore:
         self.num_preemptions += 1
         self.scheduler.on_arrival(seq.sched, plan.now)
 
-    def _usable(self, seq: Sequence, length: int) -> int:
-        """Cached tokens a request may reuse: at least one token must run so the request gets
-        logits, and a request that wants prompt log-probabilities computes its whole prompt
-        (cached KV has no logits)."""
-        return min(length, 0 if seq.prompt_logprobs is not None else len(seq.tokens) - 1)
+    @staticmethod
+    def _reusable(seq: Sequence) -> int:
+        """How much of a request's tokens cached KV may stand for: at least one token must
+        run so the request gets logits, and a request that wants prompt log-probabilities
+        computes its whole prompt (cached KV has no logits)."""
+        return 0 if seq.prompt_logprobs is not None else len(seq.tokens) - 1
 
     def _refresh(self, seq: Sequence) -> None:
         """The scheduler view's ``matched_len`` now (length only, resumed from last round)."""
-        length, seq.match_mark = self.cache.match_length(seq.key(len(seq.tokens)), seq.match_mark)
-        seq.sched.matched_len = self._usable(seq, length)
+        key = seq.key(self._reusable(seq))
+        seq.sched.matched_len, seq.match_mark = self.cache.match_length(key, seq.match_mark)
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
         # Policies that never read matched_len (FCFS, VTC) skip the per-round refresh of the
@@ -202,7 +203,13 @@ class EngineCore:
         if self.scheduler.uses_prefix_match:
             for seq in self.waiting.values():
                 self._refresh(seq)
-        reserve = len(self.running)  # the next decode token of every running request
+        # Slots the running requests still need: the rest of their prompt beyond this step's
+        # chunk, plus their next decode token. An admission must leave them free (or
+        # evictable), or a long prompt admitted on its first chunk alone would later preempt.
+        scheduled = {item.seq.rid: item.n for item in plan.items}
+        reserve = sum(
+            max(seq.num_pending - scheduled.get(seq.rid, 0), 0) + 1 for seq in self.running.values()
+        )
         order = self.scheduler.order([s.sched for s in self.waiting.values()], plan.now)
         for view in order:
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
@@ -210,12 +217,13 @@ class EngineCore:
             seq = self.waiting[view.rid]
             # Matched afresh (an admission above may have evicted), splitting a partly
             # matched edge so the lock below pins only what this request reuses.
-            match = self.cache.match_prefix(seq.key(len(seq.tokens)), split=True)
-            seq.sched.matched_len = self._usable(seq, match.length)
-            matched = seq.sched.matched_len
-            n = min(len(seq.tokens) - matched, self.limits.chunked_prefill_size, budget)
+            match = self.cache.match_prefix(seq.key(self._reusable(seq)), split=True)
+            seq.sched.matched_len = matched = match.length
+            uncached = len(seq.tokens) - matched
+            n = min(uncached, self.limits.chunked_prefill_size, budget)
+            decodes = int(len(seq.output_ids) + 1 < seq.params.max_tokens)  # needs a next slot
             self.cache.lock(match.node)
-            if self.allocator.num_free + self.cache.evictable_size < n + reserve:
+            if self.allocator.num_free + self.cache.evictable_size < uncached + decodes + reserve:
                 self.cache.unlock(match.node)
                 break
             slots = self._try_alloc(n)
@@ -238,7 +246,7 @@ class EngineCore:
             plan.admitted.append(seq.rid)
             self._schedule(plan, seq, n, slots)
             budget -= n
-            reserve += 1
+            reserve += uncached - n + decodes
 
     # ---------------------------------------------------------------- completion
 

@@ -566,3 +566,15 @@ def test_lpm_and_dlpm_with_infinite_quantum_admit_alike() -> None:
     a = simulate(w.requests, LPM(mode="ideal"), config, trace=True)
     b = simulate(w.requests, DLPM(quantum=math.inf), config, trace=True)
     assert a.trace == b.trace
+
+
+def test_admission_reserves_the_whole_prompt_not_its_first_chunk() -> None:
+    """Two 8-token prompts, chunks of 2, room for 12 slots. Checking only the first chunk would
+    admit both (2 + 2 fit), and their later chunks would collide: a preemption and recomputed
+    work. Reserving each running request's whole remaining prompt admits the second only once
+    the first has finished."""
+    reqs = [req("a", 0.0, list(range(1, 9))), req("b", 0.0, list(range(11, 19)))]
+    config = SimConfig(kv_tokens=12, max_batch_tokens=4, chunked_prefill_size=2)
+    r = simulate(reqs, FCFS(), config, UNIT, check=True)
+    assert sum(rec.preemptions for rec in r.records) == 0
+    assert r.records[1].first_scheduled >= r.records[0].finish
