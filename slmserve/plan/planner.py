@@ -5,7 +5,9 @@ The annealer (:mod:`slmserve.plan.anneal`) minimises the objective
 :class:`~slmserve.plan.fleet.FleetEvaluator` (the simulator, for ``slmserve plan``). Every
 evaluated state passes through :meth:`Planner._objective`, which keeps the cheapest *feasible*
 fleet seen — the answer. Its P99 is then re-simulated at the exact utilisation with more
-requests (:meth:`FleetEvaluator.verify`): the P99 reported is always the simulator's.
+requests (:meth:`FleetEvaluator.verify`): the P99 reported is always the simulator's. If that
+longer run misses the SLO, the fleet is excluded (its verified P99 replaces the estimate) and
+the annealer searches again from it, up to :data:`VERIFY_ROUNDS` times.
 
 For a trace, each period starts the annealer from the previous period's plan (first restart;
 the others start at random states) and charges ``change_cost`` per replica started or stopped.
@@ -24,6 +26,10 @@ from slmserve.plan.anneal import AnnealParams, anneal
 from slmserve.plan.exact import lp_bound
 from slmserve.plan.fleet import FleetEvaluator
 from slmserve.plan.objective import Evaluation, Problem, evaluate
+
+VERIFY_ROUNDS = 8
+"""Searches per period: an answer whose verification misses the SLO is excluded and the
+annealer runs again from it (its shorter simulations can be optimistic near saturation)."""
 
 
 class PeriodPlan(msgspec.Struct, kw_only=True):
@@ -111,10 +117,16 @@ class Planner:
             previous=prev,
             change_cost=s.change_cost if prev is not None else 0.0,
         )
+        rejected: dict[tuple[int, ...], float] = {}  # verified P99 over the SLO
+
+        def latency(counts: Sequence[int], demand: float) -> float:
+            verified = rejected.get(tuple(counts))
+            return verified if verified is not None else self.fleet.p99(counts, demand)
+
         best: list[Evaluation] = []
 
         def objective(state: tuple[int, ...]) -> float:
-            ev = evaluate(problem, state, self.fleet.p99)
+            ev = evaluate(problem, state, latency)
             if ev.feasible and (not best or ev.value < best[0].value):
                 best[:] = [ev]
             return ev.value
@@ -123,16 +135,29 @@ class Planner:
         params = s.anneal
         if params.final_temperature is None:  # cool down to 1% of the cheapest replica
             params = replace(params, final_temperature=self._resolution)
-        result = anneal(
-            objective,
-            self.upper,
-            start=start,
-            sizes=self.fleet.capacity,
-            seed=s.seed,
-            params=params,
-        )
-        answer = best[0] if best else evaluate(problem, result.best, self.fleet.p99)
-        return self._report(problem, answer, result.evaluations, result.t0, label)
+        evaluations = 0
+        for _ in range(VERIFY_ROUNDS):
+            best.clear()
+            result = anneal(
+                objective, self.upper, start=start, sizes=self.fleet.capacity, seed=s.seed,
+                params=params,
+            )  # fmt: skip
+            evaluations += result.evaluations
+            answer = best[0] if best else evaluate(problem, result.best, latency)
+            p99 = self._verified_p99(answer, demand)
+            if not answer.feasible or (p99 is not None and p99 <= s.slo):
+                break
+            # The search's shorter simulation was optimistic here: exclude it, search again.
+            rejected[answer.counts] = math.inf if p99 is None else p99
+            start = answer.counts
+        return self._report(problem, answer, p99, evaluations, result.t0, label)
+
+    def _verified_p99(self, ev: Evaluation, demand: float) -> float | None:
+        if demand == 0:
+            return 0.0
+        if ev.capacity > demand:
+            return self.fleet.verify(ev.counts, demand)
+        return None
 
     def plan_trace(self, periods: Sequence[tuple[str, float]]) -> list[PeriodPlan]:
         plans: list[PeriodPlan] = []
@@ -158,14 +183,15 @@ class Planner:
         return tuple(int(x) for x in counts)
 
     def _report(
-        self, problem: Problem, ev: Evaluation, evaluations: int, t0: float, label: str
+        self,
+        problem: Problem,
+        ev: Evaluation,
+        p99: float | None,
+        evaluations: int,
+        t0: float,
+        label: str,
     ) -> PeriodPlan:
         demand = problem.demand
-        p99 = None
-        if ev.capacity > demand > 0:
-            p99 = self.fleet.verify(ev.counts, demand)
-        elif demand == 0:
-            p99 = 0.0
         slo_met = p99 is not None and p99 <= self.settings.slo
         max_capacity = float(self.fleet.capacity @ self.upper)
         notes = []
