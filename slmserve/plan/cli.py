@@ -337,6 +337,7 @@ def _cmd_plan(args: argparse.Namespace, plugins: PluginManager) -> int:
                 "max_count": t.max_count,
                 "capacity_items_per_s": float(mu),
                 "idle_p99": float(idle),
+                "eligible": t.name not in planner.ineligible,
                 "profile_source": t.profile.source,
                 "profile_path": t.profile_path,
             }
@@ -346,6 +347,9 @@ def _cmd_plan(args: argparse.Namespace, plugins: PluginManager) -> int:
     }
     sim_report.write_json(out / "plan.json", result)
     print(_types_table(result["types"]))
+    if planner.ineligible:
+        slow = ", ".join(f"{n} ({v:.3g} s)" for n, v in planner.ineligible.items())
+        print(f"not used: P99 over the SLO even on an idle replica: {slow}")
     print(format_table(plans, names))
     written = [out / "plan.json"]
     if not args.no_plot:

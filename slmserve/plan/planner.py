@@ -203,9 +203,6 @@ class Planner:
         elif not slo_met:
             shown = "-" if p99 is None else f"{p99:.4g} s"
             notes.append(f"SLO not met: simulated P99 {shown} > {self.settings.slo:g} s")
-        if self.ineligible:
-            slow = ", ".join(f"{n} ({v:.3g} s idle)" for n, v in self.ineligible.items())
-            notes.append(f"not used, slower than the SLO even when idle: {slow}")
         return PeriodPlan(
             period=label,
             demand=demand,

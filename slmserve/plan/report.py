@@ -53,6 +53,7 @@ def plot_plan(plans: Sequence[PeriodPlan], names: Sequence[str], capacity: Seque
     ax.step(x, [p.demand for p in plans], where="mid", color="black", lw=2, label="demand")
     ax.set_xticks(x, [p.period for p in plans], rotation=45 if len(plans) > 8 else 0)
     ax.set_ylabel("items/s")
+    ax.margins(y=0.08)
     ax.set_title("demand vs planned capacity")
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
