@@ -136,7 +136,7 @@ class Summary(Compressor):
         with self._stats_lock:
             self.stats.short += is_long.count(False)
             self.stats.generated += generated
-            self.stats.hits += len(long) - generated
+            self.stats.hits += len(items) - is_long.count(False) - generated
         return [
             self._fit(x, summaries[item_key(x)], tokenizer) if flag else x
             for x, flag in zip(items, is_long)
@@ -259,13 +259,14 @@ class SummaryStore:
 
 _STORES: dict[Path, SummaryStore] = {}
 _SUMMARISERS: dict[tuple[str, str, str], Summariser] = {}
-_REGISTRY_LOCK = threading.Lock()
+_STORES_LOCK = threading.Lock()
+_SUMMARISERS_LOCK = threading.Lock()
 
 
 def open_store(path: Path) -> SummaryStore:
     """The process's one store for ``path`` (compressors are built per request)."""
     path = path.resolve()
-    with _REGISTRY_LOCK:
+    with _STORES_LOCK:
         if path not in _STORES:
             _STORES[path] = SummaryStore(path)
         return _STORES[path]
@@ -337,7 +338,7 @@ class Summariser:
 def get_summariser(model: str | None, device: str, dtype: str) -> Summariser:
     """The process's one summariser for (model, device, dtype), loaded on the first call."""
     key = (str(model or "demo"), device, dtype)
-    with _REGISTRY_LOCK:
+    with _SUMMARISERS_LOCK:  # held while loading: a second caller waits for the same model
         if key not in _SUMMARISERS:
             _SUMMARISERS[key] = Summariser(model, device, dtype)
         return _SUMMARISERS[key]
