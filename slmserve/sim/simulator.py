@@ -88,8 +88,8 @@ class CostModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
     * ``decode_seq = 5e-5``: 256 decoding requests add 12.8 ms.
     * ``decode_context = 1e-8``: KV reads, ~12 KB per context token at ~1.2 TB/s.
 
-    ``slmserve bench profile`` is meant to fit these on the real engine; :meth:`load` reads the
-    TOML or JSON it writes.
+    ``slmserve bench profile`` fits these on the real engine (non-negative least squares over
+    measured step times); :meth:`load` reads the profile it writes, TOML or JSON.
     """
 
     step_overhead: NonNegFloat = 1e-3
@@ -117,15 +117,13 @@ class CostModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
-        """Read a cost model from ``.toml`` (top level or a ``[cost_model]`` table) or JSON."""
+        """Read a cost model from TOML or JSON: the top level or a ``cost_model`` table."""
         path = Path(path)
         text = path.read_text()
         try:
-            if path.suffix == ".toml":
-                raw = tomllib.loads(text)
+            raw = tomllib.loads(text) if path.suffix == ".toml" else msgspec.json.decode(text)
+            if isinstance(raw, dict):
                 raw = raw.get("cost_model", raw)
-            else:
-                raw = msgspec.json.decode(text)
             return msgspec.convert(raw, cls)
         except (msgspec.ValidationError, msgspec.DecodeError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"invalid cost model {path}: {exc}") from None

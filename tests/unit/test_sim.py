@@ -578,3 +578,12 @@ def test_admission_reserves_the_whole_prompt_not_its_first_chunk() -> None:
     r = simulate(reqs, FCFS(), config, UNIT, check=True)
     assert sum(rec.preemptions for rec in r.records) == 0
     assert r.records[1].first_scheduled >= r.records[0].finish
+
+
+def test_cost_model_loads_from_a_json_profile_with_a_cost_model_table(tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"host": "x", "cost_model": {"prefill_token": 2e-5}}))
+    assert CostModel.load(path).prefill_token == 2e-5
+    path.write_text(json.dumps({"cost_model": {"prefill_token": -1}}))
+    with pytest.raises(ValueError, match="invalid cost model"):
+        CostModel.load(path)
