@@ -8,6 +8,7 @@ throughput on the same requests, engine limits and cost model), applied by resca
 workload's arrival times. Without ``--load`` the workload's own arrival times are used.
 Writes ``DIR/results.json`` (configuration, capacity, per run a :class:`Summary`, service over
 time and per-request records) and PNG plots (P99 TTFT vs load; service over time per client).
+With ``--replicas N`` or ``--router`` it simulates a cluster instead (``cluster_cli.py``).
 
 ``add_simulate_parser(subparsers, plugins)`` registers the subcommand on the main CLI's parser
 and returns its handler ``(args, plugins) -> exit code``.
@@ -180,6 +181,19 @@ def add_simulate_parser(
     )
     g.add_argument("--until", type=float, metavar="SECONDS", help="cut the run off at this time")
     g.add_argument("--jobs", type=int, default=1, help="simulations in parallel (processes)")
+    g = p.add_argument_group("cluster (several replicas behind a router)")
+    g.add_argument("--replicas", type=int, default=1, help="simulated replicas (default 1)")
+    g.add_argument(
+        "--router",
+        metavar="SPEC[,SPEC...]",
+        help=f"NAME[:KEY=VALUE...] per routing policy; known: {', '.join(plugins.routers.names())}",
+    )
+    g.add_argument(
+        "--local-scheduler",
+        default="auto",
+        metavar="SPEC",
+        help="each replica's scheduler (default auto: dlpm behind d2lpm, lpm behind the others)",
+    )
     g = p.add_argument_group("simulated engine")
     g.add_argument("--kv-tokens", type=int, help="KV pool (default: the workload's suggestion)")
     g.add_argument("--max-batch-tokens", type=int)
@@ -195,6 +209,10 @@ def add_simulate_parser(
 
 
 def cmd_simulate(args: argparse.Namespace, plugins: PluginManager) -> int:
+    if args.replicas != 1 or args.router is not None:
+        from slmserve.sim.cluster_cli import cmd_simulate_cluster
+
+        return cmd_simulate_cluster(args, plugins)
     specs = parse_scheduler_specs(args.schedulers)
     for spec in specs:  # fail fast on a bad name or option, before any simulation
         make_scheduler(spec, plugins)

@@ -290,3 +290,26 @@ def test_zipf_clients_workload_is_skewed_and_deterministic() -> None:
     assert len(groups) == 4
     with pytest.raises(ValueError, match="Zipf"):
         make_workload("zipf-clients", client_skew=-1)
+
+
+def test_simulate_command_runs_a_cluster(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from slmserve.cli import main
+
+    out = tmp_path / "cl"
+    rc = main(
+        ["simulate", "--workload", "zipf-clients", "--workload-opt", "num_requests=80",
+         "--replicas", "2", "--router", "d2lpm:quantum=4096,round_robin", "--load", "0.5",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "d2lpm:quantum=4096" in table and "round_robin" in table
+    data = json.loads((out / "results.json").read_text())
+    assert data["replicas"] == 2
+    (d2, rr) = data["runs"]
+    assert d2["local_scheduler"] == "dlpm" and rr["local_scheduler"] == "lpm"
+    assert d2["summary"]["finished"] == 80 and set(d2["replica_of"].values()) == {"r0", "r1"}
+    assert main(["simulate", "--replicas", "2", "--router", "nope"]) == 2
+    assert "unknown router 'nope'" in capsys.readouterr().err
