@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slmserve.compressors.summary",
     "slmserve.models.native",
     "slmserve.models.null",
+    "slmserve.prune.backend",
     "slmserve.routing.round_robin",
     "slmserve.routing.least_load",
     "slmserve.routing.cache_aware",
