@@ -17,6 +17,7 @@ from slmserve.config import ConfigError, EngineConfig, load_config, parse_option
 from slmserve.interfaces import PluginError
 from slmserve.plan.cli import add_plan_parsers
 from slmserve.plugins import PluginManager
+from slmserve.prune.cli import add_prune_parser
 from slmserve.routing.cli import add_route_parser
 from slmserve.score_cli import add_score_parser
 from slmserve.sim.cli import add_simulate_parser
@@ -243,6 +244,7 @@ def build_parser(plugins: PluginManager) -> tuple[argparse.ArgumentParser, dict[
     handlers["route"] = add_route_parser(sub, plugins)
     handlers.update(add_plan_parsers(sub, plugins))
     handlers["compress"] = add_compress_parser(sub, plugins)
+    handlers["prune"] = add_prune_parser(sub, plugins)
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_serve_args(p)

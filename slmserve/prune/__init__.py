@@ -7,3 +7,6 @@ use the modules: :mod:`~slmserve.prune.gram`, :mod:`~slmserve.prune.osscar`,
 :mod:`~slmserve.prune.baselines`, :mod:`~slmserve.prune.calibration`,
 :mod:`~slmserve.prune.pipeline`, :mod:`~slmserve.prune.pack`.
 """
+
+METHODS = ("osscar", "magnitude", "magnitude-refit", "wanda")
+"""Pruning methods: OSSCAR and the three baselines (see :mod:`slmserve.prune.baselines`)."""

@@ -40,6 +40,11 @@ def _blocks(m: torch.Tensor, k: int) -> torch.Tensor:
     return m.reshape(g, k, g, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
+def _solve_left(rhs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``a⁻¹ rhs`` (argument order of ``torch.div``)."""
+    return torch.linalg.solve(a, rhs)
+
+
 def removal_costs(b: torch.Tensor, hinv: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
     """``Δ_g = ½ tr(B_gᵀ [H⁻¹_gg]⁻¹ B_g)`` for every group; ``inf`` for groups already gone."""
     if k == 1:
@@ -76,8 +81,10 @@ def remove_groups(
         rows = (chosen[:, None] * k + torch.arange(k, device=b.device)).reshape(-1)
         h_uu = hinv[rows][:, rows]
         h_u = hinv[:, rows]
-        b = b - h_u @ torch.linalg.solve(h_uu, b[rows])
-        hinv = hinv - h_u @ torch.linalg.solve(h_uu, hinv[rows])
+        # One row (k = 1, one group per step) is the common case: a division, not a solve.
+        solve = torch.div if len(rows) == 1 else _solve_left
+        b = b - h_u @ solve(b[rows], h_uu)
+        hinv = hinv - h_u @ solve(hinv[rows], h_uu)
         hinv = 0.5 * (hinv + hinv.t())  # keep it symmetric against rounding drift
         b[rows] = 0.0
         hinv[rows] = 0.0

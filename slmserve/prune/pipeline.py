@@ -27,12 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from slmserve.prune import baselines
+from slmserve.prune import METHODS, baselines
 from slmserve.prune.calibration import GramCollector, Windows
 from slmserve.prune.gram import DEFAULT_DAMPING, LayerProblem, make_problem, relative_error
 from slmserve.prune.osscar import Solution, osscar
-
-METHODS = ("osscar", "magnitude", "magnitude-refit", "wanda")
 
 
 @dataclass(frozen=True, slots=True)
