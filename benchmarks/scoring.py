@@ -6,7 +6,8 @@ tokenizer that also knows ``.`` (so the extractive compressor finds sentences).
 
 Cases: one query of 200 tokens scored against 64 items of 100 tokens, and against 64 items of
 100–500 tokens. Each request uses a fresh query and fresh items (nothing is cached across
-requests), and each system scores the same requests:
+requests); each system scores the same requests, taking turns request by request (after one
+warm-up request each) so that load drift on a shared machine hits all systems alike:
 
 * **slmserve**: ``AsyncEngine.score`` — the query prefix is computed once through the radix
   cache, the items run as ragged prefill chunks, only the two label rows of the LM head are read.
@@ -21,7 +22,7 @@ attention over the query and the item) at the matmul rate this machine measured 
 run. A last section scores text items with and without the ``extractive`` compressor at a 4×
 shorter budget (25 of 100 tokens) and reports the additional gain.
 
-    python benchmarks/scoring.py              # 4 requests per case (a couple of minutes)
+    python benchmarks/scoring.py              # 6 requests per case (a few minutes)
     python benchmarks/scoring.py --requests 2 # quicker
 """
 
@@ -34,7 +35,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
@@ -131,31 +132,45 @@ def hf_shared_kv(model: torch.nn.Module, req: Request, batch: int) -> list[float
     return scores
 
 
-def time_baseline(fn: Callable[[Request], list[float]], reqs: list[Request]) -> tuple[float, list]:
-    with torch.inference_mode():
-        fn(reqs[0])  # warm-up (allocator, kernels)
-        start = time.perf_counter()
-        scores = [fn(r) for r in reqs]
-    return time.perf_counter() - start, scores
+Scorer = Callable[[Request], Awaitable[tuple[list[float], int]]]
+"""Scores one request; returns the label-0 probabilities and the item tokens it computed."""
 
 
-# ------------------------------------------------------------------------------ slmserve
+def hf_scorer(fn: Callable[[Request], list[float]]) -> Scorer:
+    async def score(req: Request) -> tuple[list[float], int]:
+        with torch.inference_mode():
+            return fn(req), sum(map(len, req[1]))
+
+    return score
 
 
-async def time_engine(engine: Engine, reqs: list, compress: Callable | None = None) -> tuple:
-    """Seconds for all requests (one after another), their scores, and item tokens scored."""
-    async with engine:
-        await engine.score(*reqs[0], label_token_ids=LABELS)  # warm-up, then a clean cache
-        engine.core.cache.reset()
-        start = time.perf_counter()
-        scores, item_tokens = [], 0
-        for query, items in reqs:
-            if compress is not None:
-                items = await asyncio.to_thread(compress, query, items)
-            result = await engine.score(query, items, label_token_ids=LABELS)
-            scores.append([s[0] for s in result.scores])
-            item_tokens += result.prompt_tokens - result.cached_tokens
-        return time.perf_counter() - start, scores, item_tokens
+def engine_scorer(engine: Engine, compress: Callable | None = None) -> Scorer:
+    async def score(req: Request) -> tuple[list[float], int]:
+        query, items = req
+        if compress is not None:
+            items = await asyncio.to_thread(compress, query, items)
+        result = await engine.score(query, items, label_token_ids=LABELS)
+        return [s[0] for s in result.scores], result.prompt_tokens - result.cached_tokens
+
+    return score
+
+
+async def compare(scorers: dict[str, Scorer], reqs: list) -> dict[str, tuple[float, list, int]]:
+    """Seconds, scores and item tokens per system. Request by request, the systems take turns
+    (in rotating order), so drift in a shared machine's load hits all of them alike. Each
+    request has a fresh query, so the engine's cache never serves one request from another."""
+    for score in scorers.values():
+        await score(reqs[0])  # warm-up
+    totals = {name: [0.0, [], 0] for name in scorers}
+    names = list(scorers)
+    for i, req in enumerate(reqs[1:]):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            scores, tokens = await scorers[name](req)
+            totals[name][0] += time.perf_counter() - start
+            totals[name][1].append(scores)
+            totals[name][2] += tokens
+    return {name: (t, sc, tok) for name, (t, sc, tok) in totals.items()}
 
 
 def new_engine(path: Path) -> Engine:
@@ -204,16 +219,25 @@ def item_flops(item_len: float) -> float:
 def run_case(name: str, path: Path, reqs: list[Request], batch: int, rate: float) -> None:
     from transformers import AutoModelForCausalLM
 
-    n_items = len(reqs) * ITEMS
-    mean_len = sum(len(it) for _, items in reqs for it in items) / n_items
-    t_ours, ours, _ = asyncio.run(time_engine(new_engine(path), reqs))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    t_a, want = time_baseline(lambda r: hf_padded(model, r, batch), reqs)
-    t_b, shared = time_baseline(lambda r: hf_shared_kv(model, r, batch), reqs)
+
+    async def go() -> dict[str, tuple[float, list, int]]:
+        async with new_engine(path) as engine:
+            scorers = {
+                "engine": engine_scorer(engine),
+                "a": hf_scorer(lambda r: hf_padded(model, r, batch)),
+                "b": hf_scorer(lambda r: hf_shared_kv(model, r, batch)),
+            }
+            return await compare(scorers, reqs)
+
+    res = asyncio.run(go())
+    n_items = (len(reqs) - 1) * ITEMS
+    mean_len = sum(len(it) for _, items in reqs[1:] for it in items) / n_items
+    (t_ours, ours, _), (t_a, want, _), (t_b, shared, _) = res["engine"], res["a"], res["b"]
     diff = max(abs(x - y) for o, w in zip(ours, want) for x, y in zip(o, w))
     diff_b = max(abs(x - y) for o, w in zip(shared, want) for x, y in zip(o, w))
     ceiling = rate / item_flops(mean_len)
-    print(f"\n== {name}: {len(reqs)} requests x {ITEMS} items, mean item {mean_len:.0f} tokens")
+    print(f"\n== {name}: {len(reqs) - 1} requests x {ITEMS} items, mean item {mean_len:.0f} tokens")
     print(f"  slmserve engine          {n_items / t_ours:8.1f} items/s")
     print(f"  (a) transformers padded  {n_items / t_a:8.1f} items/s   (batch {batch})")
     print(f"  (b) transformers shared  {n_items / t_b:8.1f} items/s   (batch {batch})")
@@ -230,15 +254,20 @@ def run_compressed(path: Path, reqs: list[Request]) -> None:
 
     texts = [(text(q), [text(it) for it in items]) for q, items in reqs]
     extractive = PluginManager().compressors.get("extractive")(max_tokens=25)
-    engine = new_engine(path)
 
-    def compress(query: str, items: list[str]) -> list[str]:
-        return [extractive.compress(it, query=query, tokenizer=engine.tokenizer) for it in items]
+    async def go() -> dict[str, tuple[float, list, int]]:
+        async with new_engine(path) as engine:
 
-    t_plain, _, tok_plain = asyncio.run(time_engine(engine, texts))
-    engine = new_engine(path)
-    t_short, _, tok_short = asyncio.run(time_engine(engine, texts, compress))
-    n = len(reqs) * ITEMS
+            def compress(query: str, items: list[str]) -> list[str]:
+                tok = engine.tokenizer
+                return [extractive.compress(it, query=query, tokenizer=tok) for it in items]
+
+            scorers = {"plain": engine_scorer(engine), "short": engine_scorer(engine, compress)}
+            return await compare(scorers, texts)
+
+    res = asyncio.run(go())
+    (t_plain, _, tok_plain), (t_short, _, tok_short) = res["plain"], res["short"]
+    n = (len(reqs) - 1) * ITEMS
     print("\n== extractive compressor, 100-token items cut to <= 25 tokens (text in, timed)")
     print(f"  plain       {n / t_plain:8.1f} items/s, {tok_plain / n:.0f} item tokens")
     print(f"  extractive  {n / t_short:8.1f} items/s, {tok_short / n:.0f} item tokens")
@@ -247,7 +276,7 @@ def run_compressed(path: Path, reqs: list[Request]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=4, help="requests per case")
+    ap.add_argument("--requests", type=int, default=6, help="requests per case (+1 warm-up)")
     ap.add_argument("--batch", type=int, default=16, help="baseline batch size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -260,8 +289,8 @@ def main() -> None:
         path = Path(tmp) / "qwen3-12m"
         build_model(path, args.seed)
         write_sentence_tokenizer(path)
-        fixed = make_requests(args.requests, lambda r: 100, args.seed)
-        mixed = make_requests(args.requests, lambda r: r.randint(100, 500), args.seed + 1)
+        fixed = make_requests(args.requests + 1, lambda r: 100, args.seed)
+        mixed = make_requests(args.requests + 1, lambda r: r.randint(100, 500), args.seed + 1)
         run_case("100-token items", path, fixed, args.batch, rate)
         run_case("100-500-token items", path, mixed, args.batch, rate)
         run_compressed(path, fixed)
