@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slmserve.kernels.online_softmax import LOG2E, attend_block
+from slmserve.kernels.online_softmax import LOG2E, attend_block, dot_in_f32
 
 BLOCK_N = 64
 MAX_SPLITS = 16
@@ -50,6 +50,7 @@ def _decode_partial_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    Q_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -72,6 +73,8 @@ def _decode_partial_kernel(
         mask=h_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    if Q_F32:
+        q = q.to(tl.float32)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -184,6 +187,7 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_N=BLOCK_N,
         IEEE=q.dtype == torch.float32,
+        Q_F32=dot_in_f32(q.dtype),
     )
     _decode_merge_kernel[(num_seqs, heads)](
         mid_o,

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slmserve.kernels.online_softmax import LOG2E, attend_block
+from slmserve.kernels.online_softmax import LOG2E, attend_block, dot_in_f32
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -48,6 +48,7 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
+    Q_F32: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -68,6 +69,8 @@ def _extend_kernel(
             mask=r_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
+        if Q_F32:
+            q = q.to(tl.float32)
         q_pos = prefix + rows  # the last context entry each row may see
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -145,4 +148,5 @@ def extend_attention(
         BLOCK_N=BLOCK_N,
         BLOCK_D=triton.next_power_of_2(head_dim),
         IEEE=q.dtype == torch.float32,
+        Q_F32=dot_in_f32(q.dtype),
     )

@@ -32,8 +32,8 @@ def _store_kv_kernel(
         mask = cols < ROW
         k = tl.load(K + t * stride_k + cols, mask=mask)
         v = tl.load(V + t * stride_v + cols, mask=mask)
-        tl.store(KPool + slot * stride_kp + cols, k.to(KPool.dtype.element_ty), mask=mask)
-        tl.store(VPool + slot * stride_vp + cols, v.to(VPool.dtype.element_ty), mask=mask)
+        tl.store(KPool + slot * stride_kp + cols, k, mask=mask)
+        tl.store(VPool + slot * stride_vp + cols, v, mask=mask)
 
 
 def store_kv(
@@ -45,15 +45,16 @@ def store_kv(
 ) -> None:
     """``k_pool[slots[t]] = k[t]`` (same for v) for every ``t`` with ``slots[t] >= 0``.
 
-    :param k: ``[T, kv_heads, head_dim]``; cast to the pool dtype on the way.
+    :param k: ``[T, kv_heads, head_dim]``; cast to the pool dtype first (by torch, which rounds
+        to nearest; the kernel only copies).
     :param slots: ``[T]`` int64 pool slots (``-1``: do not write).
     """
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
     row = k.shape[1] * k.shape[2]
-    k = k.reshape(num_tokens, row)
-    v = v.reshape(num_tokens, row)
+    k = k.to(k_pool.dtype).reshape(num_tokens, row)
+    v = v.to(v_pool.dtype).reshape(num_tokens, row)
     if k.stride(1) != 1 or v.stride(1) != 1:
         k, v = k.contiguous(), v.contiguous()
     _store_kv_kernel[(num_tokens,)](

@@ -1,15 +1,25 @@
 """The online-softmax step shared by the extend and decode kernels (FlashAttention-2 style).
 
 Scores, running max and sums stay in float32 whatever the input dtype; keys and values are
-gathered row by row from the pool through their slot ids.
+gathered row by row from the pool through their slot ids and cast to the query's dtype.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from slmserve.kernels import interpreter_enabled
+
 LOG2E = 1.4426950408889634
+
+
+def dot_in_f32(dtype: torch.dtype) -> bool:
+    """Run the ``tl.dot`` products in float32 (``Q_F32``): only for bf16 in the interpreter,
+    whose ``tl.dot`` multiplies bf16 operands as raw integers (triton 3.9). Keys and values
+    follow the query's dtype inside the block, so casting the query is enough."""
+    return dtype == torch.bfloat16 and interpreter_enabled()
 
 
 @triton.jit
