@@ -35,6 +35,9 @@ def add_engine_args(parser: argparse.ArgumentParser, plugins: PluginManager) -> 
     g.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     g.add_argument("--config", metavar="FILE.toml", help="engine settings file")
     g.add_argument("--backend", choices=plugins.backends.names())
+    g.add_argument(
+        "--backend-opt", action="append", metavar="KEY=VALUE", help="backend option (attention=)"
+    )
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--scheduler", choices=plugins.schedulers.names())
@@ -46,6 +49,14 @@ def add_engine_args(parser: argparse.ArgumentParser, plugins: PluginManager) -> 
     g.add_argument("--max-model-len", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--torch-threads", type=int, help="CPU threads for torch (default: torch's)")
+    g.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_const",
+        const=False,
+        default=None,
+        help="on CUDA, run decode steps eagerly instead of replaying captured graphs",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -57,6 +68,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         "dtype": args.dtype,
         "scheduler": args.scheduler,
         "scheduler_options": options or None,
+        "backend_options": parse_options(args.backend_opt) or None,
         "kv_tokens": args.kv_tokens,
         "max_batch_tokens": args.max_batch_tokens,
         "chunked_prefill_size": args.chunked_prefill_size,
@@ -64,6 +76,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         "max_model_len": args.max_model_len,
         "seed": args.seed,
         "torch_threads": args.torch_threads,
+        "cuda_graphs": args.cuda_graphs,
     }
     return load_config(args.config, overrides)
 

@@ -62,6 +62,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     CPU hosts ``cores - 1`` leaves a core for the event loop."""
     gc_freeze: bool = True
     """``gc.freeze()`` after start-up so long-lived objects never get scanned again."""
+    cuda_graphs: bool = True
+    """On CUDA, capture the decode forward as CUDA graphs at start-up (batch sizes 1, 2, 4, 8,
+    16, 32, ... up to ``max_running_requests``) and replay them; needs a backend that supports
+    it (the native backend on its Triton attention path). No effect on the CPU."""
 
     def replace(self, **changes: Any) -> EngineConfig:
         """A validated copy with ``changes`` applied."""

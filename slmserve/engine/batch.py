@@ -1,6 +1,15 @@
-"""Turn a step plan into one ragged ``ForwardBatch`` (flat ids, positions, slots)."""
+"""Turn a step plan into one ragged ``ForwardBatch`` (flat ids, positions, slots).
+
+Everything the device needs for a step (the batch itself and the runner's few index arrays:
+logit rows, label rows) is built on the host with numpy and crosses to the device in ONE copy:
+:class:`HostStager` packs the int64 arrays into one reused pinned buffer, issues one
+non-blocking transfer and hands back device views.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -8,14 +17,44 @@ import torch
 from slmserve.engine.core import StepPlan
 from slmserve.interfaces import ForwardBatch
 
+_BATCH_FIELDS = (
+    "input_ids",
+    "positions",
+    "out_slots",
+    "cu_new",
+    "context_slots",
+    "cu_ctx",
+    "logit_indices",
+)
 
-def build_batch(plan: StepPlan, device: torch.device) -> tuple[ForwardBatch, list[tuple[int, int]]]:
-    """Flatten the plan with numpy, then move everything to the device in one go.
+
+@dataclass(slots=True)
+class HostBatch:
+    """A step flattened on the host; ``arrays`` follow ``_BATCH_FIELDS``."""
+
+    arrays: list[np.ndarray]
+    new_lens: list[int]
+    ctx_lens: list[int]
+    ranges: list[tuple[int, int]]
+    """Per plan item, ``(first_row, num_rows)`` into the logit rows; a sampling item's row is
+    its last one."""
+
+    def to_device(
+        self, stager: HostStager, extras: Sequence[np.ndarray] = ()
+    ) -> tuple[ForwardBatch, list[torch.Tensor]]:
+        """The device batch plus device copies of ``extras`` (int64), all in one transfer."""
+        tensors = stager.to_device([*self.arrays, *extras])
+        n = len(_BATCH_FIELDS)
+        fields = dict(zip(_BATCH_FIELDS, tensors[:n]))
+        batch = ForwardBatch(**fields, new_lens=self.new_lens, ctx_lens=self.ctx_lens)
+        return batch, tensors[n:]
+
+
+def flatten(plan: StepPlan) -> HostBatch:
+    """Flatten the plan with numpy.
 
     Logits are requested at the last token of every chunk that completes its sequence, and at
-    every prompt position of requests that asked for prompt log-probabilities. Also returns,
-    per plan item, ``(first_row, num_rows)`` into the logit rows; a sampling item's row is its
-    last one.
+    every prompt position of requests that asked for prompt log-probabilities.
     """
     items = plan.items
     new_lens = [it.n for it in items]
@@ -49,19 +88,50 @@ def build_batch(plan: StepPlan, device: torch.device) -> tuple[ForwardBatch, lis
         ranges.append((num_rows, len(rows)))
         num_rows += len(rows)
     logit_indices = np.concatenate(logit_rows) if logit_rows else np.empty(0, np.int64)
+    arrays = [np.asarray(ids, np.int64), positions, out_slots, cu_new, context, cu_ctx]
+    arrays.append(logit_indices)
+    return HostBatch(arrays, new_lens, ctx_lens, ranges)
 
-    def dev(a: np.ndarray | list[int]) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=torch.int64).to(device, non_blocking=True)
 
-    batch = ForwardBatch(
-        input_ids=dev(ids),
-        positions=dev(positions),
-        out_slots=dev(out_slots),
-        cu_new=dev(cu_new),
-        context_slots=dev(context),
-        cu_ctx=dev(cu_ctx),
-        logit_indices=dev(logit_indices),
-        new_lens=new_lens,
-        ctx_lens=ctx_lens,
-    )
-    return batch, ranges
+def build_batch(plan: StepPlan, device: torch.device) -> tuple[ForwardBatch, list[tuple[int, int]]]:
+    """:func:`flatten` then one transfer (a convenience for callers without a stager)."""
+    host = flatten(plan)
+    batch, _ = host.to_device(HostStager(device))
+    return batch, host.ranges
+
+
+class HostStager:
+    """Moves a list of int64 arrays to the device with one copy.
+
+    On CUDA the arrays are packed into a pinned buffer that is reused every step, so the copy
+    is asynchronous (``non_blocking``) and needs no allocation; an event recorded after the copy
+    guards the buffer against being refilled before the previous step's copy has left it. On
+    the CPU the packed array is used in place.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._pinned: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def to_device(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        sizes = [len(a) for a in arrays]
+        total = sum(sizes)
+        if self.device.type != "cuda":
+            flat = torch.from_numpy(np.concatenate(arrays).astype(np.int64, copy=False))
+            return list(flat.to(self.device).split(sizes))
+        if self._pinned is None or self._pinned.numel() < total:
+            # The old buffer may still feed a copy: the caching host allocator keeps it alive
+            # until that copy is done.
+            size = max(total, 2 * (0 if self._pinned is None else self._pinned.numel()), 4096)
+            self._pinned = torch.empty(size, dtype=torch.int64, pin_memory=True)
+            self._copied = torch.cuda.Event()
+        else:
+            assert self._copied is not None
+            self._copied.synchronize()  # normally long done: the last step ended with a sync
+        host = self._pinned[:total]
+        np.concatenate(arrays, out=host.numpy(), casting="same_kind")
+        flat = host.to(self.device, non_blocking=True)
+        assert self._copied is not None
+        self._copied.record()
+        return list(flat.split(sizes))

@@ -186,7 +186,14 @@ class AsyncEngine:
             max_model_len=max_len,
         )
         self.core = EngineCore(self.kv.allocator, self.scheduler, limits, on_finish=self._on_finish)
-        self.runner = ModelRunner(self.backend, self.kv, self.times)
+        self.runner = ModelRunner(
+            self.backend,
+            self.kv,
+            self.times,
+            cuda_graphs=self.config.cuda_graphs,
+            max_batch=self.config.max_running_requests,
+            max_ctx=max_len,
+        )
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop accepting; let in-flight requests finish within ``timeout``, abort the rest.

@@ -6,14 +6,20 @@ the CPU or GPU computes. The only device->host copy is the small result tensors 
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from slmserve.engine.core import StepPlan
 from slmserve.engine.sequence import Sequence as Seq
 from slmserve.interfaces import ModelBackend
 from slmserve.types import TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,12 +48,47 @@ class StepResult:
 
 
 class ModelRunner:
-    """Runs step plans through a backend over a KV pool, timing each phase."""
+    """Runs step plans through a backend over a KV pool, timing each phase.
 
-    def __init__(self, backend: ModelBackend, kv: Any, times: StepTimes) -> None:
+    One step costs one host->device copy (the batch and the runner's index arrays, packed by
+    :class:`~slmserve.engine.batch.HostStager`) and one device->host synchronisation (every
+    result of the step copied back together). On CUDA, decode-only steps replay a captured
+    graph when the backend supports it and ``cuda_graphs`` is on.
+    """
+
+    def __init__(
+        self,
+        backend: ModelBackend,
+        kv: Any,
+        times: StepTimes,
+        *,
+        cuda_graphs: bool = False,
+        max_batch: int = 256,
+        max_ctx: int = 4096,
+    ) -> None:
+        from slmserve.engine.batch import HostStager
+
         self.backend = backend
         self.kv = kv
         self.times = times
+        self.stager = HostStager(kv.device)
+        self.graphs: Any = None
+        if (
+            cuda_graphs
+            and kv.device.type == "cuda"
+            and getattr(backend, "supports_cuda_graphs", False)
+        ):
+            from slmserve.engine.cuda_graphs import DecodeGraphs
+
+            t0 = time.perf_counter()
+            self.graphs = DecodeGraphs(
+                backend, kv, max_batch=max_batch, max_ctx=max_ctx, ctx_capacity=2 * kv.num_slots
+            )
+            log.info(
+                "captured CUDA graphs for decode batch sizes %s in %.1f s",
+                self.graphs.sizes,
+                time.perf_counter() - t0,
+            )
 
     def run(self, plan: StepPlan) -> StepResult:
         """Worker thread: forward, logits where needed, sampling; one device->host copy.
@@ -58,14 +99,13 @@ class ModelRunner:
         """
         import torch
 
-        from slmserve.engine.batch import build_batch
+        from slmserve.engine.batch import flatten
 
         assert self.backend is not None
         t0 = time.perf_counter()
-        batch, ranges = build_batch(plan, self.kv.device)
-        t1 = time.perf_counter()
+        host = flatten(plan)
         gen, prompt_lp, raw_scores, label_scores = [], [], [], []
-        for it, (first, count) in zip(plan.items, ranges):
+        for it, (first, count) in zip(plan.items, host.ranges):
             seq = it.seq
             if seq.prompt_logprobs is not None and it.start < seq.num_prompt:
                 prompt_lp.append((it, first, count))
@@ -75,62 +115,78 @@ class ModelRunner:
                 gen.append((it, first + count - 1))
             elif seq.label_ids:
                 (label_scores if seq.apply_softmax else raw_scores).append((it, first + count - 1))
+        rows = [r for _, r in gen]
+        for _, first, count in prompt_lp:
+            rows.extend(range(first, first + count))
+        rows.extend(r for _, r in raw_scores)
+        groups: dict[tuple[int, ...], list[Any]] = {}
+        for entry in label_scores:
+            groups.setdefault(entry[0].seq.label_ids, []).append(entry)
+        extras = [np.asarray(rows, np.int64)]
+        for labels, entries in groups.items():
+            extras += [np.asarray([r for _, r in entries], np.int64), np.asarray(labels, np.int64)]
+        batch, (row_index, *label_index) = host.to_device(self.stager, extras)
+        t1 = time.perf_counter()
         result = StepResult({})
+        fetch = _Fetch()
         with torch.inference_mode():
-            hidden = self.backend.forward(batch, self.kv)
-            rows = [r for _, r in gen]
-            for _, first, count in prompt_lp:
-                rows.extend(range(first, first + count))
-            rows.extend(r for _, r in raw_scores)
-            logits = None
-            if rows:
-                index = torch.tensor(rows, device=hidden.device)
-                logits = self.backend.logits(hidden.index_select(0, index))
+            if self.graphs is not None and self.graphs.fits(batch):
+                hidden = self.graphs.run(batch)
+            else:
+                hidden = self.backend.forward(batch, self.kv)
+            logits = self.backend.logits(hidden.index_select(0, row_index)) if rows else None
             t2 = time.perf_counter()
             if gen:
                 assert logits is not None
-                self._sample([it for it, _ in gen], logits[: len(gen)], result)
+                self._sample([it for it, _ in gen], logits[: len(gen)], fetch, result)
             offset = len(gen)
             for it, _, count in prompt_lp:
-                self._prompt_logprobs(it, logits[offset : offset + count], result)
+                self._prompt_logprobs(it, logits[offset : offset + count], fetch, result)
                 offset += count
             if raw_scores:
                 lps = torch.log_softmax(logits[offset:], dim=-1)
-                self._collect_scores(raw_scores, lps, result, gather=True)
-            if label_scores:
-                self._label_scores(hidden, label_scores, result)
+                labels = torch.tensor([it.seq.label_ids for it, _ in raw_scores])
+                values = lps.gather(1, labels.to(lps.device, non_blocking=True))
+                fetch.add(values, then=lambda v: _store_scores(raw_scores, v.tolist(), result))
+            if groups:
+                self._label_scores(hidden, groups, label_index, fetch, result)
+            fetch.run()
         self.times.batch += t1 - t0
         self.times.forward += t2 - t1
         self.times.sample += time.perf_counter() - t2
         return result
 
-    def _label_scores(self, hidden: Any, items: list[Any], result: StepResult) -> None:
-        """Softmax over the label logits only (never the whole vocabulary)."""
+    def _label_scores(
+        self,
+        hidden: Any,
+        groups: dict[tuple[int, ...], list[Any]],
+        index: list[Any],
+        fetch: _Fetch,
+        result: StepResult,
+    ) -> None:
+        """Softmax over the label logits only (never the whole vocabulary); every group's
+        probabilities go back to the host as ONE small tensor."""
         import torch
 
-        assert self.backend is not None
-        groups: dict[tuple[int, ...], list[Any]] = {}
-        for entry in items:
-            groups.setdefault(entry[0].seq.label_ids, []).append(entry)
-        for labels, entries in groups.items():
-            index = torch.tensor([r for _, r in entries], device=hidden.device)
-            vocab = torch.tensor(labels, device=hidden.device)
-            lab = self.backend.logits(hidden.index_select(0, index), vocab_ids=vocab)
-            self._collect_scores(entries, torch.softmax(lab, dim=-1), result, gather=False)
+        probs = []
+        for g in range(len(groups)):
+            rows, vocab = index[2 * g], index[2 * g + 1]
+            lab = self.backend.logits(hidden.index_select(0, rows), vocab_ids=vocab)
+            probs.append(torch.softmax(lab, dim=-1).reshape(-1))
+        flat = probs[0] if len(probs) == 1 else torch.cat(probs)
+
+        def store(values: Any) -> None:
+            values, start = values.tolist(), 0
+            for labels, entries in groups.items():
+                k = len(labels)
+                rows = [values[start + i * k : start + (i + 1) * k] for i in range(len(entries))]
+                _store_scores(entries, rows, result)
+                start += k * len(entries)
+
+        fetch.add(flat, then=store)
 
     @staticmethod
-    def _collect_scores(items: list[Any], values: Any, result: StepResult, *, gather: bool) -> None:
-        import torch
-
-        if gather:  # full-vocabulary log-probs: pick each request's label columns
-            labels = torch.tensor([it.seq.label_ids for it, _ in items], device=values.device)
-            values = values.gather(1, labels)
-        (host,) = _to_host(values)
-        for (it, _), row in zip(items, host.tolist()):
-            result.scores[it.seq.rid] = row
-
-    @staticmethod
-    def _sample(items: list[Any], logits: Any, result: StepResult) -> None:
+    def _sample(items: list[Any], logits: Any, fetch: _Fetch, result: StepResult) -> None:
         """Sample one token per generating request; ``logits`` rows follow ``items``."""
         from slmserve.engine.sampler import SamplingBatch, sample
 
@@ -145,10 +201,13 @@ class ModelRunner:
             logits.shape[-1],
         )
         res = sample(logits, sbatch)
-        host = _to_host(res.token_ids, res.logprobs, res.top_ids, res.top_logprobs)
-        result.sampled.update(zip([s.rid for s in seqs], host[0].tolist()))
-        if any(s.logprobs is not None for s in seqs):
-            ModelRunner._collect_logprobs(seqs, host, result)
+
+        def store(*host: Any) -> None:
+            result.sampled.update(zip([s.rid for s in seqs], host[0].tolist()))
+            if any(s.logprobs is not None for s in seqs):
+                ModelRunner._collect_logprobs(seqs, list(host), result)
+
+        fetch.add(res.token_ids, res.logprobs, res.top_ids, res.top_logprobs, then=store)
 
     @staticmethod
     def _collect_logprobs(seqs: list[Seq], host: list[Any], result: StepResult) -> None:
@@ -163,7 +222,7 @@ class ModelRunner:
             result.logprobs[s.rid] = TokenLogprob(int(ids[i]), float(lps[i]), top)
 
     @staticmethod
-    def _prompt_logprobs(it: Any, logits: Any, result: StepResult) -> None:
+    def _prompt_logprobs(it: Any, logits: Any, fetch: _Fetch, result: StepResult) -> None:
         import torch
 
         from slmserve.engine.sampler import prompt_logprobs
@@ -175,15 +234,40 @@ class ModelRunner:
         if count == 0:
             return
         next_ids = seq.tokens[it.start + 1 : it.start + 1 + count]
-        nxt = torch.tensor(next_ids, device=logits.device)
+        nxt = torch.tensor(next_ids).to(logits.device, non_blocking=True)
         k = seq.params.prompt_logprobs or 0
-        chosen, top_ids, top_lps = prompt_logprobs(logits[:count], nxt, k)
-        chosen, top_ids, top_lps = _to_host(chosen, top_ids, top_lps)
-        out = []
-        for j in range(count):
-            top = list(zip(top_ids[j].tolist(), top_lps[j].tolist())) if k else []
-            out.append(TokenLogprob(next_ids[j], float(chosen[j]), top))
-        result.prompt_logprobs[seq.rid] = out
+
+        def store(chosen: Any, top_ids: Any, top_lps: Any) -> None:
+            out = []
+            for j in range(count):
+                top = list(zip(top_ids[j].tolist(), top_lps[j].tolist())) if k else []
+                out.append(TokenLogprob(next_ids[j], float(chosen[j]), top))
+            result.prompt_logprobs[seq.rid] = out
+
+        fetch.add(*prompt_logprobs(logits[:count], nxt, k), then=store)
+
+
+def _store_scores(items: list[Any], rows: list[list[float]], result: StepResult) -> None:
+    for (it, _), row in zip(items, rows):
+        result.scores[it.seq.rid] = row
+
+
+class _Fetch:
+    """The device results of one step, copied to the host together (one synchronisation);
+    each ``then`` callback receives its own tensors' host copies."""
+
+    def __init__(self) -> None:
+        self.tensors: list[Any] = []
+        self.callbacks: list[tuple[int, int, Callable[..., None]]] = []
+
+    def add(self, *tensors: Any, then: Callable[..., None]) -> None:
+        self.callbacks.append((len(self.tensors), len(tensors), then))
+        self.tensors.extend(tensors)
+
+    def run(self) -> None:
+        host = _to_host(*self.tensors)
+        for start, count, then in self.callbacks:
+            then(*host[start : start + count])
 
 
 def _to_host(*tensors: Any) -> list[Any]:
