@@ -1,0 +1,422 @@
+"""GPU benchmark: scoring and generation of a Qwen3-0.6B-shaped model vs transformers (sdpa).
+
+Models (random weights, built here with ``Qwen3Config`` + ``save_pretrained``, byte tokenizer;
+nothing is downloaded):
+
+* ``qwen3-0.6b``: 28 layers, hidden 1024, 16/8 heads, head_dim 128, MLP 3072, vocab 151,936,
+  tied embeddings;
+* ``osscar``: the same with MLP 1536 and 4 KV heads (the OSSCAR-pruned size).
+
+Scoring: each request is one fresh 200-token query (the shared prefix) and 10 fresh items of
+300 tokens; requests arrive as a Poisson process at a swept offered load. Per load: achieved
+items/s and the P50/P99 request latency. The headline is the best items/s with P99 < 500 ms.
+The compute ceiling counts the FLOPs of an item's tokens (2 per weight, plus attention over
+the query and the item) at this card's measured bf16 matmul rate; MFU = achieved / ceiling.
+
+Generation: 64 and 256 concurrent requests (128-token prompts, 256 output tokens, greedy,
+EOS ignored), output tokens/s.
+
+Baseline, same GPU, same requests, same run: transformers with sdpa attention. For scoring it
+serves the same arrival process with dynamic batching (every waiting request's
+``[query + item]`` rows, left-padded, ``logits_to_keep=1``); for generation ``generate`` on the
+whole batch.
+
+    python benchmarks/gpu.py                 # on a CUDA machine (~10-15 min)
+    python benchmarks/gpu.py --models qwen3-0.6b --duration 5
+    python benchmarks/gpu.py --smoke         # tiny shapes on the CPU, a few seconds (CI)
+
+See docs/benchmarks.md for carrying the few missing wheels to a GPU box (gpu_wheels.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
+from slmserve import Engine, EngineConfig, SamplingParams
+from slmserve.engine import collect
+
+QWEN3_06B: dict[str, Any] = {
+    "num_hidden_layers": 28,
+    "hidden_size": 1024,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 3072,
+    "vocab_size": 151_936,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 4096,
+}
+MODELS = {
+    "qwen3-0.6b": QWEN3_06B,
+    "osscar": {**QWEN3_06B, "intermediate_size": 1536, "num_key_value_heads": 4},
+}
+SMOKE = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "vocab_size": 512,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 512,
+}
+LABELS = (9, 10)
+P99_BOUND = 0.5
+
+Request = tuple[list[int], list[list[int]]]
+
+
+# ------------------------------------------------------------------------------ setup
+
+
+def build_model(path: Path, shape: dict[str, Any], device: str, seed: int) -> None:
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from slmserve.models.demo import write_byte_tokenizer
+
+    torch.manual_seed(seed)
+    with torch.device(device):  # random init on the GPU: seconds instead of minutes
+        model = AutoModelForCausalLM.from_config(Qwen3Config(**shape), dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    write_byte_tokenizer(path)
+    del model
+
+
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of a large matmul in ``dtype`` on ``device`` (best of 10)."""
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(10):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def item_flops(shape: dict[str, Any], item: int, query: int) -> float:
+    """FLOPs of one item's tokens: 2 per weight of the layers, plus QK^T and PV over the query
+    and the causal part of the item (the label head is two rows: negligible)."""
+    h, layers, d = shape["hidden_size"], shape["num_hidden_layers"], shape["head_dim"]
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    per_layer = 2 * h * heads * d + 2 * h * kv * d + 3 * h * shape["intermediate_size"]
+    attention = 4 * layers * heads * d * (query + (item + 1) / 2)
+    return item * (2 * layers * per_layer + attention)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def make_requests(n: int, args: argparse.Namespace, vocab: int, seed: int) -> list[Request]:
+    rng = random.Random(seed)
+
+    def ids(k: int) -> list[int]:
+        return [rng.randrange(11, vocab) for _ in range(k)]
+
+    return [
+        (ids(args.query_tokens), [ids(args.item_tokens) for _ in range(args.items)])
+        for _ in range(n)
+    ]
+
+
+# ------------------------------------------------------------------------------ load sweep
+
+Scorer = Callable[[Request], Awaitable[list[float]]]
+
+
+async def offered_load(
+    score: Scorer, reqs: list[Request], items_per_s: float, seed: int
+) -> tuple[float, float, float]:
+    """Poisson arrivals at ``items_per_s``; returns (achieved items/s, P50 s, P99 s)."""
+    rng = random.Random(seed)
+    latencies: list[float] = []
+
+    async def one(req: Request) -> None:
+        start = time.perf_counter()
+        await score(req)
+        latencies.append(time.perf_counter() - start)
+
+    rate = items_per_s / len(reqs[0][1])
+    tasks = []
+    begin = next_at = time.perf_counter()
+    for req in reqs:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(req)))
+        next_at += rng.expovariate(rate)
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - begin
+    latencies.sort()
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    return sum(len(r[1]) for r in reqs) / elapsed, pick(0.5), pick(0.99)
+
+
+async def sweep(
+    name: str, score: Scorer, args: argparse.Namespace, vocab: int
+) -> tuple[float, list[tuple[float, float, float, float]]]:
+    """Raise the offered load until P99 passes the bound or throughput stops following."""
+    # Warm-up: compiles the kernels for the shapes a loaded step sees.
+    await asyncio.gather(*(score(r) for r in make_requests(4, args, vocab, 0)))
+    rows, best, offered = [], 0.0, args.start_rate
+    for level in range(args.levels):
+        n = max(2, int(offered * args.duration / args.items))
+        reqs = make_requests(n, args, vocab, 1000 * level + 1)
+        achieved, p50, p99 = await offered_load(score, reqs, offered, level)
+        rows.append((offered, achieved, p50, p99))
+        print(f"  {name:14s} offered {offered:8.0f}  achieved {achieved:8.0f} items/s  "
+              f"p50 {p50 * 1e3:7.1f} ms  p99 {p99 * 1e3:7.1f} ms", flush=True)  # fmt: skip
+        if p99 < P99_BOUND:
+            best = max(best, achieved)
+        if p99 >= P99_BOUND or achieved < 0.8 * offered:
+            break
+        offered *= args.step
+    return best, rows
+
+
+def engine_config(path: Path, args: argparse.Namespace, **changes: Any) -> EngineConfig:
+    base = {
+        "model": str(path),
+        "device": args.device,
+        "dtype": args.dtype,
+        "kv_tokens": args.kv_tokens,
+        "max_batch_tokens": args.max_batch_tokens,
+        "chunked_prefill_size": args.max_batch_tokens,
+        "max_running_requests": 256,
+        "max_waiting_requests": 1 << 16,
+    }
+    return EngineConfig(**{**base, **changes})
+
+
+async def engine_scoring(path: Path, args: argparse.Namespace, vocab: int) -> float:
+    async with Engine(engine_config(path, args)) as engine:
+
+        async def score(req: Request) -> list[float]:
+            result = await engine.score(req[0], req[1], label_token_ids=LABELS)
+            return [s[0] for s in result.scores]
+
+        best, _ = await sweep("slmserve", score, args, vocab)
+        return best
+
+
+def load_hf(path: Path, args: argparse.Namespace) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return model.to(args.device).eval()
+
+
+async def hf_scoring(path: Path, args: argparse.Namespace, vocab: int) -> float:
+    """transformers behind a dynamic batcher: each forward takes every waiting request (up to
+    ``--hf-batch`` rows) as left-padded ``[query + item]`` rows, last position only."""
+    model = load_hf(path, args)
+    queue: asyncio.Queue[tuple[Request, asyncio.Future[list[float]]]] = asyncio.Queue()
+
+    def forward(rows: list[list[int]]) -> list[float]:
+        width = max(map(len, rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row) :] = torch.tensor(row)
+            mask[r, width - len(row) :] = 1
+        with torch.inference_mode():
+            out = model(
+                input_ids=ids.to(args.device),
+                attention_mask=mask.to(args.device),
+                logits_to_keep=1,
+            )
+            probs = torch.softmax(out.logits[:, -1, list(LABELS)].float(), dim=-1)
+            return probs[:, 0].tolist()
+
+    async def server() -> None:
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty() and len(batch) * args.items < args.hf_batch:
+                batch.append(queue.get_nowait())
+            rows = [q + it for (q, items), _ in batch for it in items]
+            scores = await asyncio.to_thread(forward, rows)
+            for i, (_, fut) in enumerate(batch):
+                fut.set_result(scores[i * args.items : (i + 1) * args.items])
+
+    async def score(req: Request) -> list[float]:
+        fut: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
+        await queue.put((req, fut))
+        return await fut
+
+    task = asyncio.create_task(server())
+    try:
+        best, _ = await sweep("transformers", score, args, vocab)
+    finally:
+        task.cancel()
+    return best
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+def gen_workload(n: int, args: argparse.Namespace, vocab: int) -> list[list[int]]:
+    rng = random.Random(n)
+    return [[rng.randrange(11, vocab) for _ in range(args.prompt_tokens)] for _ in range(n)]
+
+
+async def engine_generation(path: Path, args: argparse.Namespace, vocab: int) -> dict[int, float]:
+    params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
+    out = {}
+    config = engine_config(path, args, max_running_requests=max(args.concurrency))
+    async with Engine(config) as engine:
+        await collect(engine.submit(gen_workload(1, args, vocab)[0], params))  # warm-up
+        for n in args.concurrency:
+            prompts = gen_workload(n, args, vocab)
+            start = time.perf_counter()
+            results = await asyncio.gather(*(collect(engine.submit(p, params)) for p in prompts))
+            elapsed = time.perf_counter() - start
+            out[n] = sum(len(r.token_ids) for r in results) / elapsed
+    return out
+
+
+def hf_generation(path: Path, args: argparse.Namespace, vocab: int) -> dict[int, float]:
+    model = load_hf(path, args)
+    out = {}
+    with torch.inference_mode():
+        for n in [1, *args.concurrency]:  # the first run warms up
+            ids = torch.tensor(gen_workload(n, args, vocab), device=args.device)
+            sync(args.device)
+            start = time.perf_counter()
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.output_tokens,
+                min_new_tokens=args.output_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            sync(args.device)
+            out[n] = (gen.shape[1] - ids.shape[1]) * n / (time.perf_counter() - start)
+    return out
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def run_model(name: str, shape: dict[str, Any], args: argparse.Namespace, rate: float) -> dict:
+    vocab = shape["vocab_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        build_model(path, shape, args.device, args.seed)
+        print(f"\n== {name}: scoring sweep (P99 bound {P99_BOUND * 1e3:.0f} ms)", flush=True)
+        ours = asyncio.run(engine_scoring(path, args, vocab))
+        release(args.device)
+        theirs = asyncio.run(hf_scoring(path, args, vocab))
+        release(args.device)
+        print(f"== {name}: generation", flush=True)
+        gen_ours = asyncio.run(engine_generation(path, args, vocab))
+        release(args.device)
+        gen_theirs = hf_generation(path, args, vocab)
+        release(args.device)
+    ceiling = rate / item_flops(shape, args.item_tokens, args.query_tokens)
+    return {
+        "name": name,
+        "ours": ours,
+        "theirs": theirs,
+        "ceiling": ceiling,
+        "gen_ours": gen_ours,
+        "gen_theirs": gen_theirs,
+    }
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
+def print_table(results: list[dict], args: argparse.Namespace, rate: float) -> None:
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"\n## {device}, {args.dtype}, matmul {rate / 1e12:.2f} TFLOP/s measured")
+    print(
+        f"scoring: {args.items} items x {args.item_tokens} tokens per request, "
+        f"{args.query_tokens}-token shared query; items/s at P99 < {P99_BOUND * 1e3:.0f} ms\n"
+    )
+    print("| model | slmserve items/s | transformers items/s | ratio | ceiling items/s | MFU |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        mfu = r["ours"] / r["ceiling"]
+        print(
+            f"| {r['name']} | {r['ours']:.0f} | {r['theirs']:.0f} | "
+            f"{ratio(r['ours'], r['theirs'])} | {r['ceiling']:.0f} | {mfu:.0%} |"
+        )
+    print("\ngeneration: output tokens/s (greedy, "
+          f"{args.prompt_tokens}-token prompts, {args.output_tokens} output tokens)\n")  # fmt: skip
+    print("| model | concurrent | slmserve tok/s | transformers tok/s | ratio |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        for n in args.concurrency:
+            ours, theirs = r["gen_ours"][n], r["gen_theirs"][n]
+            print(f"| {r['name']} | {n} | {ours:.0f} | {theirs:.0f} | {ratio(ours, theirs)} |")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds")
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--items", type=int, default=10, help="items per scoring request")
+    ap.add_argument("--item-tokens", type=int, default=300)
+    ap.add_argument("--query-tokens", type=int, default=200)
+    ap.add_argument("--start-rate", type=float, default=250.0, help="first offered items/s")
+    ap.add_argument("--step", type=float, default=1.3, help="offered-load multiplier per level")
+    ap.add_argument("--levels", type=int, default=12, help="most load levels per system")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per level")
+    ap.add_argument("--hf-batch", type=int, default=128, help="baseline rows per forward")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--output-tokens", type=int, default=256)
+    ap.add_argument("--kv-tokens", type=int, default=300_000)
+    ap.add_argument("--max-batch-tokens", type=int, default=16_384)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.device, args.dtype = "cuda", "bfloat16"
+    if args.smoke:
+        args.device, args.dtype = "cpu", "float32"
+        args.items, args.item_tokens, args.query_tokens = 3, 12, 8
+        args.start_rate, args.levels, args.duration = 40.0, 2, 0.5
+        args.hf_batch, args.concurrency = 16, [2, 4]
+        args.prompt_tokens, args.output_tokens = 8, 4
+        args.kv_tokens, args.max_batch_tokens = 4096, 512
+    elif not torch.cuda.is_available():
+        ap.error("no CUDA device: run on a GPU machine, or use --smoke for the CPU check")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rate = matmul_rate(args.device, getattr(torch, args.dtype))
+    models = {"smoke": SMOKE} if args.smoke else {m: MODELS[m] for m in args.models}
+    results = [run_model(name, shape, args, rate) for name, shape in models.items()]
+    print_table(results, args, rate)
+
+
+if __name__ == "__main__":
+    main()
