@@ -206,6 +206,7 @@ def engine_config(path: Path, args: argparse.Namespace, **changes: Any) -> Engin
         "chunked_prefill_size": args.max_batch_tokens,
         "max_running_requests": 256,
         "max_waiting_requests": 1 << 16,
+        "cuda_graphs": not args.no_cuda_graphs,
     }
     return EngineConfig(**{**base, **changes})
 
@@ -394,6 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--output-tokens", type=int, default=256)
     ap.add_argument("--kv-tokens", type=int, default=300_000)
     ap.add_argument("--max-batch-tokens", type=int, default=16_384)
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.device, args.dtype = "cuda", "bfloat16"
