@@ -93,13 +93,6 @@ def flatten(plan: StepPlan) -> HostBatch:
     return HostBatch(arrays, new_lens, ctx_lens, ranges)
 
 
-def build_batch(plan: StepPlan, device: torch.device) -> tuple[ForwardBatch, list[tuple[int, int]]]:
-    """:func:`flatten` then one transfer (a convenience for callers without a stager)."""
-    host = flatten(plan)
-    batch, _ = host.to_device(HostStager(device))
-    return batch, host.ranges
-
-
 class HostStager:
     """Moves a list of int64 arrays to the device with one copy.
 
