@@ -67,7 +67,16 @@ class RadixNode:
     :meth:`RadixCache.unlock`; the fields are public for tests and debugging only.
     """
 
-    __slots__ = ("_kb", "children", "key", "last_access", "lock_ref", "parent", "slots")
+    __slots__ = (
+        "_kb",
+        "children",
+        "key",
+        "last_access",
+        "lock_ref",
+        "parent",
+        "slots",
+        "version",
+    )
 
     def __init__(
         self,
@@ -85,6 +94,7 @@ class RadixNode:
         self.children: dict[int, RadixNode] = {}
         self.lock_ref = lock_ref
         self.last_access = last_access
+        self.version = 0  # bumped whenever ``children`` changes (see RadixCache.match_length)
 
     def __repr__(self) -> str:
         head = self.key[:4].tolist()
@@ -95,9 +105,13 @@ class RadixNode:
         )
 
 
-Mark = tuple["RadixNode", int]
-"""A node and the depth (in tokens) where its edge ends: where :meth:`RadixCache.match_length`
-stopped, to resume from next time."""
+Touch = tuple["RadixNode", int | None]
+"""A change :meth:`RadixCache.take_touched` reports (see there)."""
+
+Mark = tuple["RadixNode", int, int, int, int]
+"""Where :meth:`RadixCache.match_length` stopped, to resume from next time: the last fully
+matched node, the depth where its edge ends, the node's ``version`` then, the matched length
+and the number of tokens matched against."""
 
 
 class MatchResult(NamedTuple):
@@ -134,6 +148,29 @@ class RadixCache:
         self._evictable: dict[RadixNode, int] = {}
         self._heap: list[tuple[int, int, RadixNode]] = []
         self._seq = itertools.count()  # heap tie-break, so nodes are never compared
+        self._touched: list[Touch] | None = None  # see watch()
+
+    def _touch(self, node: RadixNode, token: int | None = None) -> None:
+        """``node``'s child starting with ``token`` changed, or (``None``) ``node`` left the
+        tree."""
+        node.version += 1
+        if self._touched is not None:
+            self._touched.append((node, token))
+
+    def watch(self) -> None:
+        """Start recording touched nodes for :meth:`take_touched` (one consumer per cache)."""
+        if self._touched is None:
+            self._touched = []
+
+    def take_touched(self) -> list[Touch]:
+        """What changed since the last call, with repeats: ``(node, token)`` when the child of
+        ``node`` starting with ``token`` was added, split or evicted; ``(node, None)`` when
+        ``node`` left the tree. A match whose walk stopped at a node, about to look up a token,
+        has the same answer as before unless that pair (or the node with ``None``) is here."""
+        if self._touched is None:
+            return []
+        touched, self._touched = self._touched, []
+        return touched
 
     # ----------------------------------------------------------------- sizes
 
@@ -202,28 +239,34 @@ class RadixCache:
         """Length of the longest cached prefix of ``tokens``, and a mark to resume from.
 
         ``resume`` is the mark an earlier call returned for a prefix of the same tokens. The
-        walk restarts there when that node is still in the tree: the path above a node never
-        changes while it is attached (eviction detaches leaves only; a split keeps the lower
-        half in the original object, so the node's end depth holds), so only new children
-        below it can extend the match. Mutates nothing.
+        path above a node never changes while the node is attached (eviction detaches leaves
+        only; a split keeps the lower half in the original object, so the node's end depth
+        holds), and a match reaches at most partway into one child edge below its mark. So if
+        the mark's node is attached and its children are unchanged (same ``version``) and the
+        tokens are the same length, the answer is the mark's; if only the children changed,
+        the walk restarts at the node. Mutates nothing.
         """
         if not (type(tokens) is np.ndarray and tokens.dtype == np.int64 and tokens.ndim == 1):
             tokens = _as_tokens(tokens)  # the engine's keys already are; skip the conversion
         n = len(tokens)
         node, pos = self.root, 0
         if resume is not None:
-            mark_node, depth = resume
-            if depth <= n and (mark_node.parent is not None or mark_node is self.root):
-                node, pos = mark_node, depth
+            mark_node, depth, version, length, seen = resume
+            if mark_node.parent is not None or mark_node is self.root:
+                if version == mark_node.version and seen == n:
+                    return length, resume
+                if depth <= n:
+                    node, pos = mark_node, depth
         while pos < n:
             child = node.children.get(int(tokens[pos]))
             if child is None:
                 break
             k = len(child.key)
             if tokens[pos : pos + k].tobytes() != child._kb:  # ends inside this edge
-                return pos + self._common_len(child, tokens, tokens.tobytes(), pos), (node, pos)
+                length = pos + self._common_len(child, tokens, tokens.tobytes(), pos)
+                return length, (node, pos, node.version, length, n)
             node, pos = child, pos + k
-        return pos, (node, pos)
+        return pos, (node, pos, node.version, pos, n)
 
     def insert(
         self, tokens: np.ndarray | Sequence[int], slots: np.ndarray | Sequence[int]
@@ -272,6 +315,7 @@ class RadixCache:
         if pos < n:
             leaf = RadixNode(_frozen(tokens[pos:]), _frozen(slots[pos:]), node, last_access=now)
             node.children[int(tokens[pos])] = leaf
+            self._touch(node, int(tokens[pos]))
             self._evictable.pop(node, None)  # no longer a leaf
             self._evictable_size += n - pos
             tree_slots = np.concatenate([tree_slots, leaf.slots]) if pos else leaf.slots
@@ -296,6 +340,7 @@ class RadixCache:
             last_access=node.last_access,
         )
         parent.children[int(node.key[0])] = top
+        self._touch(parent, int(node.key[0]))
         node.key = _frozen(node.key[k:])
         node._kb = node.key.tobytes()
         node.slots = _frozen(node.slots[k:])
@@ -382,6 +427,8 @@ class RadixCache:
             parent = node.parent
             assert parent is not None
             del parent.children[int(node.key[0])]
+            self._touch(parent, int(node.key[0]))
+            self._touch(node)
             node.parent = None
             chunks.append(node.slots)
             freed += len(node.key)
@@ -398,7 +445,9 @@ class RadixCache:
         freed = self.tree_slots()
         for node in self._iter_nodes():
             node.parent = None  # stale handles can no longer be locked
+            self._touch(node)
         self.root.children = {}
+        self._touch(self.root)
         self._evictable.clear()
         self._heap = []
         self._evictable_size = 0

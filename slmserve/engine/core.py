@@ -16,6 +16,7 @@ import numpy as np
 
 from slmserve.cache.kv_pool import KVCacheExhausted, SlotAllocator
 from slmserve.cache.radix import RadixCache
+from slmserve.cache.tracker import PrefixTracker
 from slmserve.engine.sequence import Sequence, Status
 from slmserve.interfaces import Scheduler
 from slmserve.types import FinishReason, StepReport
@@ -70,6 +71,8 @@ class EngineCore:
         self.allocator = allocator
         self.cache = RadixCache(allocator)
         self.scheduler = scheduler
+        # Policies that never read matched_len (FCFS, VTC) skip prefix tracking altogether.
+        self._tracker = PrefixTracker(self.cache) if scheduler.uses_prefix_match else None
         self.limits = limits
         self.on_finish = on_finish
         self.waiting: dict[str, Sequence] = {}
@@ -87,9 +90,14 @@ class EngineCore:
     def add(self, seq: Sequence, now: float) -> None:
         if seq.rid in self.waiting or seq.rid in self.running:
             raise ValueError(f"request id {seq.rid!r} is already in the engine")
+        self._wait(seq)
+        self.scheduler.on_arrival(seq.sched, now)
+
+    def _wait(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
         self.waiting[seq.rid] = seq
-        self.scheduler.on_arrival(seq.sched, now)
+        if self._tracker is not None:
+            self._tracker.add(seq.rid, seq.key(self._reusable(seq)))
 
     def abort(self, rid: str) -> Sequence | None:
         """Remove a request wherever it is; its cached KV stays in the tree, unlocked."""
@@ -179,8 +187,7 @@ class EngineCore:
         """Return a running request to the queue; keep its arrival time and generated tokens."""
         del self.running[seq.rid]
         self._release(seq)
-        seq.status = Status.WAITING
-        self.waiting[seq.rid] = seq
+        self._wait(seq)
         plan.preempted.append(seq.rid)
         self.num_preemptions += 1
         self.scheduler.on_arrival(seq.sched, plan.now)
@@ -192,17 +199,13 @@ class EngineCore:
         computes its whole prompt (cached KV has no logits)."""
         return 0 if seq.prompt_logprobs is not None else len(seq.tokens) - 1
 
-    def _refresh(self, seq: Sequence) -> None:
-        """The scheduler view's ``matched_len`` now (length only, resumed from last round)."""
-        key = seq.key(self._reusable(seq))
-        seq.sched.matched_len, seq.match_mark = self.cache.match_length(key, seq.match_mark)
-
     def _admit(self, plan: StepPlan, budget: int) -> None:
-        # Policies that never read matched_len (FCFS, VTC) skip the per-round refresh of the
-        # whole queue; the requests actually admitted are matched below either way.
-        if self.scheduler.uses_prefix_match:
-            for seq in self.waiting.values():
-                self._refresh(seq)
+        # Only requests whose radix path changed since last round are re-matched; the ones
+        # actually admitted are matched afresh below either way.
+        if self._tracker is not None:
+            waiting = self.waiting
+            for rid, length in self._tracker.refresh():
+                waiting[rid].sched.matched_len = length
         # Slots the running requests still need: the rest of their prompt beyond this step's
         # chunk, plus their next decode token. An admission must leave them free (or
         # evictable), or a long prompt admitted on its first chunk alone would later preempt.
@@ -231,6 +234,8 @@ class EngineCore:
                 self.cache.unlock(match.node)
                 break
             del self.waiting[seq.rid]
+            if self._tracker is not None:
+                self._tracker.discard(seq.rid)
             seq.lock_node = match.node
             seq.tree_len = matched
             seq.context_slots(match.slots[:matched])
@@ -343,6 +348,8 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self._finished.append(seq.rid)
+        if self._tracker is not None:
+            self._tracker.discard(seq.rid)
         if seq.status is Status.RUNNING:
             self._release(seq)
         seq.status = Status.FINISHED

@@ -10,7 +10,7 @@ import numpy as np
 from slmserve.types import FinishReason, SamplingParams, SchedRequest, TokenLogprob
 
 if TYPE_CHECKING:
-    from slmserve.cache.radix import Mark, RadixNode
+    from slmserve.cache.radix import RadixNode
 
 
 class Status(enum.Enum):
@@ -42,7 +42,6 @@ class Sequence:
         "label_ids",
         "lock_node",
         "logprobs",
-        "match_mark",
         "num_cached_tokens",
         "num_computed",
         "num_prompt",
@@ -87,8 +86,6 @@ class Sequence:
         self.lock_node: RadixNode | None = None
         self._slot_buf = np.empty(max(16, len(prompt_ids) + min(params.max_tokens, 64)), np.int64)
         self._key: np.ndarray | None = None
-        self.match_mark: Mark | None = None
-        """Where the last prefix refresh stopped in the radix tree (see ``match_length``)."""
         self.num_cached_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.first_scheduled_time: float | None = None

@@ -25,6 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from slmserve.cache.kv_pool import KVCacheExhausted, SlotAllocator
 from slmserve.cache.radix import Mark, RadixCache, RadixNode
+from slmserve.cache.tracker import PrefixTracker
 
 NUM_SLOTS = 64
 MAX_LEN = 12
@@ -67,6 +68,8 @@ class CacheMachine(RuleBasedStateMachine):
         self.running: list[Request] = []
         self.seen: set[tuple[int, ...]] = set()
         self.marks: dict[tuple[int, ...], Mark] = {}
+        self.tracker = PrefixTracker(self.cache)
+        self.tracked: dict[tuple[int, ...], int] = {}  # last length the tracker reported
 
     # ------------------------------------------------------------------ reference
 
@@ -286,8 +289,15 @@ class CacheMachine(RuleBasedStateMachine):
         assert self.cache.total_size == len(self.model)
         for tokens in self.seen:
             self.check_match(tokens)
-            # The scheduler's refresh: resumed from last time's mark, as the engine does.
             length, self.marks[tokens] = self.cache.match_length(tokens, self.marks.get(tokens))
+            assert length == self.ref_len(tokens), (tokens, length)
+            if tokens not in self.tracked:  # the engine's waiting queue: tracked from arrival
+                self.tracker.add(tokens, np.array(tokens, dtype=np.int64))
+                self.tracked[tokens] = -1
+        # The tracker re-matches only what the tree's changes could affect; every length it
+        # last reported must still be exact.
+        self.tracked.update(self.tracker.refresh())
+        for tokens, length in self.tracked.items():
             assert length == self.ref_len(tokens), (tokens, length)
         for tokens in self.model:
             self.check_match(tokens)

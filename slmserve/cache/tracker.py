@@ -1,0 +1,100 @@
+"""Cached-prefix lengths of a whole waiting queue, kept current at the cost of what changed.
+
+Prefix-aware schedulers order the queue by each request's cached prefix length, and the tree
+changes every step (prefills are inserted, leaves evicted). Re-matching every waiting request
+every round costs ~1 µs each in Python: 8 ms at 8,192 waiting, more than the ordering itself.
+But a request's match can only change where its walk stopped: at the last fully matched node
+(its *mark*), and there only if the child it looks up next (keyed by its next token) was added,
+split or evicted, or the node itself left the tree. The cache reports exactly those events
+(:meth:`RadixCache.take_touched`), so each round re-matches only the requests parked at them,
+plus new ones. A new child under a shared system prompt thus re-matches the few requests
+whose next token it starts with, not every request behind that prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import numpy as np
+
+from slmserve.cache.radix import Mark, RadixCache, RadixNode
+
+
+class PrefixTracker:
+    """Matched lengths of keyed token sequences against one cache (its only change watcher)."""
+
+    def __init__(self, cache: RadixCache) -> None:
+        self.cache = cache
+        cache.watch()
+        cache.take_touched()  # start from now
+        self._tokens: dict[Hashable, np.ndarray] = {}
+        self._marks: dict[Hashable, Mark] = {}
+        self._spots: dict[Hashable, tuple[RadixNode, int | None]] = {}
+        # node -> next token (None: the tokens end at the node) -> keys whose walk stopped there
+        self._parked: dict[RadixNode, dict[int | None, set[Hashable]]] = {}
+        self._new: set[Hashable] = set()
+
+    def add(self, key: Hashable, tokens: np.ndarray) -> None:
+        """Track ``tokens`` (int64, not to be mutated while tracked) under ``key``."""
+        self.discard(key)
+        self._tokens[key] = tokens
+        self._new.add(key)
+
+    def discard(self, key: Hashable) -> None:
+        if self._tokens.pop(key, None) is None:
+            return
+        self._new.discard(key)
+        self._marks.pop(key, None)
+        spot = self._spots.pop(key, None)
+        if spot is not None:
+            self._unpark(key, *spot)
+
+    def refresh(self) -> list[tuple[Hashable, int]]:
+        """Re-match what may have changed; returns ``(key, length)`` for each key matched."""
+        stale = self._new
+        self._new = set()
+        for node, token in self.cache.take_touched():
+            by_token = self._parked.get(node)
+            if by_token is None:
+                continue
+            if token is None:  # the node left the tree: everything parked there
+                del self._parked[node]
+                for keys in by_token.values():
+                    stale |= keys
+            else:
+                keys = by_token.pop(token, None)
+                if keys:
+                    stale |= keys
+                if not by_token:
+                    del self._parked[node]
+        out = []
+        for key in stale:
+            tokens = self._tokens.get(key)
+            if tokens is None:
+                continue
+            old = self._spots.get(key)
+            if old is not None:
+                self._unpark(key, *old)
+            length, mark = self.cache.match_length(tokens, self._marks.get(key))
+            node, depth = mark[0], mark[1]
+            spot = (node, int(tokens[depth]) if depth < len(tokens) else None)
+            self._marks[key] = mark
+            self._spots[key] = spot
+            self._parked.setdefault(node, {}).setdefault(spot[1], set()).add(key)
+            out.append((key, length))
+        return out
+
+    def _unpark(self, key: Hashable, node: RadixNode, token: int | None) -> None:
+        by_token = self._parked.get(node)
+        if by_token is None:
+            return
+        keys = by_token.get(token)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del by_token[token]
+        if not by_token:
+            del self._parked[node]
+
+    def __len__(self) -> int:
+        return len(self._tokens)
