@@ -253,6 +253,12 @@ def _add_plan(subparsers: Any) -> Handler:
     g = p.add_argument_group("simulation")
     g.add_argument("--scheduler", default=None, help="scheduler spec (default: the profiles')")
     g.add_argument("--sim-requests", type=int, default=600, help="requests per simulation")
+    g.add_argument(
+        "--router",
+        default="least_load",
+        help="router spec the answer is verified behind on the cluster simulator "
+        "(e.g. least_load, d2lpm, cache_aware); 'none': no router, the capacity split only",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--out", default="plan-out", metavar="DIR")
     g.add_argument("--no-plot", action="store_true")
@@ -263,7 +269,7 @@ def _cmd_plan(args: argparse.Namespace, plugins: PluginManager) -> int:
     from slmserve.plan.anneal import AnnealParams
     from slmserve.plan.catalog import load_catalog
     from slmserve.plan.demand import read_demand_trace
-    from slmserve.plan.fleet import ReplicaType, SplitSimFleet
+    from slmserve.plan.fleet import ReplicaType, RoutedSimFleet, SplitSimFleet
     from slmserve.plan.planner import Planner, PlanSettings
     from slmserve.plan.report import format_table, plot_plan
     from slmserve.sim import report as sim_report
@@ -301,14 +307,28 @@ def _cmd_plan(args: argparse.Namespace, plugins: PluginManager) -> int:
         for t in catalog.types
     ]
     print(f"simulating one replica of each of {len(types)} types ...")
-    fleet = SplitSimFleet(
-        types,
-        catalog.shape,
-        lambda: make_scheduler(spec, plugins),
-        requests=args.sim_requests,
-        verify_requests=4 * args.sim_requests,
-        seed=args.seed,
-    )
+    sim_options: dict[str, Any] = {
+        "requests": args.sim_requests,
+        "verify_requests": 4 * args.sim_requests,
+        "seed": args.seed,
+    }
+    fleet: SplitSimFleet
+    if args.router == "none":
+        fleet = SplitSimFleet(
+            types, catalog.shape, lambda: make_scheduler(spec, plugins), **sim_options
+        )
+    else:
+        from slmserve.sim.cluster_cli import make_router
+
+        (router_spec,) = parse_scheduler_specs(args.router)[:1]
+        make_router(router_spec, plugins)  # fail fast on a bad name or option
+        fleet = RoutedSimFleet(
+            types,
+            catalog.shape,
+            lambda: make_scheduler(spec, plugins),
+            lambda: make_router(router_spec, plugins),
+            **sim_options,
+        )
     planner = Planner(
         [t.price_per_hour for t in catalog.types],
         [t.max_count for t in catalog.types],
@@ -327,8 +347,15 @@ def _cmd_plan(args: argparse.Namespace, plugins: PluginManager) -> int:
         "change_cost": args.change_cost,
         "seed": args.seed,
         "scheduler": spec.label,
-        "latency_model": "demand split in proportion to capacity; one simulated replica per "
-        "type (real EngineCore, radix cache, scheduler); fleet P99 from the merged requests",
+        "router": args.router,
+        "latency_model": "while annealing: demand split in proportion to capacity, one "
+        "simulated replica per type (real EngineCore, radix cache, scheduler); the answer's "
+        "P99: "
+        + (
+            "the same split"
+            if args.router == "none"
+            else f"the whole fleet behind the {args.router} router on the cluster simulator"
+        ),
         "types": [
             {
                 "name": t.name,

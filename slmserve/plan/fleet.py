@@ -8,10 +8,12 @@ scheduler objects) for one replica of each type in use on its share: a Poisson s
 requests of the workload shape. The fleet P99 is read from the merged per-request records,
 each type's requests weighted by the share of traffic it serves (``n_t·μ_t / Σ n·μ``).
 
-What it leaves out, on purpose and for now: the router itself (prefix-aware routing would raise
-hit rates; a least-load router sees queue lengths, not capacity) and cross-replica effects. The
-multi-replica cluster simulator with the real router plugs in as another ``FleetEvaluator``
-(same two methods), with no change to the objective, the annealer or the CLI.
+What it leaves out: the router itself (prefix-aware routing raises hit rates; a least-load
+router sees queue lengths, not capacity) and cross-replica effects. :class:`RoutedSimFleet`
+puts them back where it matters: it anneals like ``SplitSimFleet`` (one simulation per type
+and utilisation step, cached) but verifies an answer on the cluster simulator — every replica
+of the fleet, each with its own radix cache and scheduler, behind the real router policy — so
+the P99 the planner reports, and re-plans on when it misses the SLO, is the routed fleet's.
 
 :class:`QueueingFleet` is a cheap analytic stand-in (M/M/1 per replica) for tests of the
 annealer; it never produces a planner's answer.
@@ -23,11 +25,13 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from slmserve.interfaces import Scheduler
 from slmserve.plan.workload import Shape, make_items, request_latencies
+from slmserve.routing.base import Router
 from slmserve.sim.simulator import CostModel, SimConfig, measure_capacity, simulate
 
 
@@ -151,6 +155,40 @@ class SplitSimFleet(FleetEvaluator):
 
     def verify(self, counts: Sequence[int], demand: float) -> float:
         return self._fleet_p99(counts, demand, verify=True)
+
+
+class RoutedSimFleet(SplitSimFleet):
+    """:class:`SplitSimFleet` while annealing; :meth:`verify` runs the whole fleet behind
+    ``router()`` (a fresh policy object per run) on the cluster simulator."""
+
+    def __init__(
+        self,
+        types: Sequence[ReplicaType],
+        shape: Shape,
+        scheduler: Callable[[], Scheduler],
+        router: Callable[[], Router],
+        **options: Any,
+    ) -> None:
+        super().__init__(types, shape, scheduler, **options)
+        self.router = router
+
+    def verify(self, counts: Sequence[int], demand: float) -> float:
+        from slmserve.sim.cluster import ReplicaSpec, simulate_cluster
+
+        n = [int(c) for c in counts]
+        if float(np.asarray(n, float) @ self.capacity) <= demand or demand <= 0:
+            return math.inf if demand > 0 else 0.0
+        replicas = [
+            ReplicaSpec(f"{t.name}-{i}", self.scheduler(), t.config, t.cost)
+            for t, count in zip(self.types, n)
+            for i in range(count)
+        ]
+        work = self.verify_work
+        rate = demand / self.shape.items_per_request  # requests/s
+        result = simulate_cluster(work.at_rate(rate), self.router(), replicas)
+        self._sims += 1
+        lat = request_latencies(result.records, work.request_of, work.num_requests)
+        return weighted_quantile(lat, np.ones(len(lat)), 0.99)  # the split model's definition
 
 
 class QueueingFleet(FleetEvaluator):

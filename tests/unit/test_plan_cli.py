@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from slmserve.cli import main
-from slmserve.plan.fleet import ReplicaType, SplitSimFleet
+from slmserve.plan.fleet import ReplicaType, RoutedSimFleet, SplitSimFleet
 from slmserve.plan.profile import read_profile
 from slmserve.plan.workload import Shape
 from slmserve.schedulers.fcfs import FCFS
@@ -57,6 +57,22 @@ FAST = ["--iterations", "150", "--restarts", "2", "--sim-requests", "60", "--no-
 def fleet(requests: int = 60) -> SplitSimFleet:
     types = [ReplicaType("small", SMALL, SimConfig()), ReplicaType("big", BIG, SimConfig())]
     return SplitSimFleet(types, SHAPE, FCFS, requests=requests, verify_requests=2 * requests)
+
+
+def test_routed_fleet_verifies_on_the_cluster_simulator() -> None:
+    """One replica: the router has no choice, so the cluster simulator must give the split
+    model's exact answer; more replicas of the same type behind least_load must do better
+    at the same demand than one replica (not worse, as a broken router would)."""
+    from slmserve.routing.least_load import LeastLoad
+
+    types = [ReplicaType("small", SMALL, SimConfig()), ReplicaType("big", BIG, SimConfig())]
+    split = SplitSimFleet(types, SHAPE, FCFS, requests=60, verify_requests=120)
+    routed = RoutedSimFleet(types, SHAPE, FCFS, LeastLoad, requests=60, verify_requests=120)
+    demand = 0.6 * split.capacity[0]
+    one = routed.verify((1, 0), demand)
+    assert one == pytest.approx(split.verify((1, 0), demand))
+    assert routed.verify((3, 0), demand) < one
+    assert routed.verify((0, 0), demand) == float("inf")
 
 
 def test_split_fleet_capacity_is_the_simulators_saturated_throughput() -> None:
