@@ -255,9 +255,9 @@ def _add_plan(subparsers: Any) -> Handler:
     g.add_argument("--sim-requests", type=int, default=600, help="requests per simulation")
     g.add_argument(
         "--router",
-        default="least_load",
-        help="router spec the answer is verified behind on the cluster simulator "
-        "(e.g. least_load, d2lpm, cache_aware); 'none': no router, the capacity split only",
+        default="none",
+        help="verify the answer behind this router on the cluster simulator (e.g. "
+        "least_load, d2lpm, cache_aware); default 'none': the capacity split only",
     )
     g = p.add_argument_group("output")
     g.add_argument("--out", default="plan-out", metavar="DIR")
