@@ -17,7 +17,7 @@ OSSCAR model (and, for fairness, the same number of extra steps for the dense mo
 engine's generation throughput for the dense and the packed pruned models on the same requests
 in the same run.
 
-    nice -n 10 python benchmarks/pruning.py                     # ~15 min on 2 shared cores
+    nice -n 10 python benchmarks/pruning.py    # ~15 min on 2 idle cores (est.); 39 min shared
     nice -n 10 python benchmarks/pruning.py --train-steps 100 --retrain-steps 0 --skip-throughput
 
 Writes ``results.json`` and ``results.md`` next to the cached model.
