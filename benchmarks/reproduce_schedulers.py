@@ -50,6 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from slmserve.plan.fit import fit_cost_model, step_features  # noqa: E402
 from slmserve.plugins import PluginManager  # noqa: E402
 from slmserve.sim import (  # noqa: E402
     CAPACITY_DEFINITION,
@@ -319,35 +320,22 @@ ENGINE_LOADS = (0.8, 1.0)
 VOCAB = 8192  # the bench model's (benchmarks/generation.py)
 
 
-def _features(plan: Any) -> list[float]:
-    """The cost model's regressors for one planned step (see ``CostModel.step_time``)."""
-    prefill = attention = batch = context = 0.0
-    for item in plan.items:
-        if item.n == 1 and item.start >= item.seq.num_prompt:
-            batch += 1
-            context += item.start + 1
-        else:
-            prefill += item.n
-            attention += item.n * (item.start + (item.n + 1) / 2)
-    return [1.0, prefill, attention, float(batch > 0), batch, context]
+def engine_config(path: Path, spec: Any, limits: SimConfig) -> Any:
+    """The bench model on CPU with the simulated engine's limits and ``spec``'s scheduler."""
+    from slmserve import EngineConfig
 
-
-def fit_cost_model(rows: list[list[float]], seconds: list[float]) -> CostModel:
-    """Non-negative least squares (active set: drop negative terms, refit) of step times."""
-    import numpy as np
-
-    x, y = np.asarray(rows), np.asarray(seconds)
-    active = list(range(x.shape[1]))
-    while True:
-        coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
-        if (coef >= 0).all() or len(active) == 1:
-            break
-        active.pop(int(np.argmin(coef)))
-    full = np.zeros(x.shape[1])
-    full[active] = np.maximum(coef, 0)
-    names = ("step_overhead", "prefill_token", "prefill_attention", "decode_step",
-             "decode_seq", "decode_context")  # fmt: skip
-    return CostModel(**dict(zip(names, map(float, full))))
+    return EngineConfig(
+        model=str(path),
+        device="cpu",
+        dtype="float32",
+        kv_tokens=limits.kv_tokens,
+        max_batch_tokens=limits.max_batch_tokens,
+        chunked_prefill_size=limits.chunked_prefill_size,
+        scheduler=spec.name,
+        scheduler_options=spec.options,
+        gc_freeze=False,
+        torch_threads=1,  # steadier step times on a shared machine
+    )
 
 
 async def _engine_run(path: Path, spec: Any, reqs: list[Any], timed: list) -> list[float]:
@@ -356,22 +344,10 @@ async def _engine_run(path: Path, spec: Any, reqs: list[Any], timed: list) -> li
     import asyncio
     import time as _time
 
-    from slmserve import EngineConfig, SamplingParams
+    from slmserve import SamplingParams
     from slmserve.engine import AsyncEngine
 
-    cfg = EngineConfig(
-        model=str(path),
-        device="cpu",
-        dtype="float32",
-        kv_tokens=ENGINE_CONFIG.kv_tokens,
-        max_batch_tokens=ENGINE_CONFIG.max_batch_tokens,
-        chunked_prefill_size=ENGINE_CONFIG.chunked_prefill_size,
-        scheduler=spec.name,
-        scheduler_options=spec.options,
-        gc_freeze=False,
-        torch_threads=1,  # steadier step times on a shared machine
-    )
-    async with AsyncEngine(cfg) as engine:
+    async with AsyncEngine(engine_config(path, spec, ENGINE_CONFIG)) as engine:
         core, sched = engine.core, engine.scheduler
         plan_step, on_step = core.plan_step, sched.on_step
         current: list[Any] = []
@@ -384,7 +360,7 @@ async def _engine_run(path: Path, spec: Any, reqs: list[Any], timed: list) -> li
         def timed_on_step(report: Any) -> None:
             on_step(report)
             if current and current[1].items:
-                timed.append((_features(current[1]), _time.perf_counter() - current[0]))
+                timed.append((step_features(current[1]), _time.perf_counter() - current[0]))
 
         core.plan_step, sched.on_step = timed_plan, timed_on_step
         loop = asyncio.get_running_loop()
@@ -423,7 +399,7 @@ def engine_experiment(seed: int) -> dict:
         calib = make_workload("klpm", seed=seed + 100, **ENGINE_WORKLOAD).at_once().requests
         timed: list = []
         asyncio.run(_engine_run(path, specs[0], calib, timed))
-        cost = fit_cost_model([f for f, _ in timed], [t for _, t in timed])
+        cost, _ = fit_cost_model([f for f, _ in timed], [t for _, t in timed])
         base = make_workload("klpm", seed=seed, **ENGINE_WORKLOAD)
         capacity = measure_capacity(base.requests, ENGINE_CONFIG, cost)
         runs, steps = [], []
@@ -434,7 +410,7 @@ def engine_experiment(seed: int) -> dict:
                 runs.append((load, spec, w, real))
     # The same step-time fit on every step of the measured runs: what the simulator predicts
     # when its cost model is right for the machine as it was during the runs.
-    refit = fit_cost_model([f for f, _ in steps], [t for _, t in steps])
+    refit, _ = fit_cost_model([f for f, _ in steps], [t for _, t in steps])
     rows = []
     for load, spec, w, real in runs:
         row: dict[str, Any] = {"scheduler": spec.label, "load": load}
@@ -468,13 +444,137 @@ def engine_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- (e) real engine, (b)
+
+MIX_ENGINE_WORKLOAD = {
+    "num_requests": 1200,
+    "docs": 4,
+    "doc_len": 384,
+    "question_len": [16, 32],
+    "docs_output": [2, 4],
+    "unique_len": [256, 384],
+    "unique_output": [2, 4],
+}
+"""(b) scaled down for the 12M-parameter bench model on CPU: a 1,024-token pool holds two of
+the four documents."""
+MIX_ENGINE_CONFIG = SimConfig(kv_tokens=1024, max_batch_tokens=512, chunked_prefill_size=256)
+MIX_ENGINE_SCHEDULERS = "vtc,lpm,dlpm:q=1024"
+MIX_ENGINE_BACKLOG = 4
+MIX_ENGINE_SECONDS = 40.0
+
+
+async def _engine_mix_run(path: Path, spec: Any, reqs: list[Any], seconds: float) -> dict:
+    """Closed loop per client on a real AsyncEngine for ``seconds``: each client keeps
+    ``MIX_ENGINE_BACKLOG`` requests in flight. Service is charged per step from the scheduler's
+    step reports (prompt tokens computed + 2 x output tokens), as in the simulator."""
+    import asyncio
+
+    import numpy as np
+
+    from slmserve import SamplingParams
+    from slmserve.engine import AsyncEngine
+
+    clients = sorted({r.client for r in reqs})
+    diffs: list[float] = [0.0]  # running service difference clients[0] - clients[1]
+    done_tokens = [0]
+    async with AsyncEngine(engine_config(path, spec, MIX_ENGINE_CONFIG)) as engine:
+        sched, on_step = engine.scheduler, engine.scheduler.on_step
+
+        def charged(report: Any) -> None:
+            on_step(report)
+            step = dict.fromkeys(clients, 0.0)
+            for client, prompt, output in report.computed.values():
+                step[client] += prompt + 2 * output
+            diffs.append(diffs[-1] + step[clients[0]] - step[clients[1]])
+
+        sched.on_step = charged
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        queues = {c: iter([r for r in reqs if r.client == c]) for c in clients}
+
+        async def worker(client: str) -> None:
+            for r in queues[client]:
+                if loop.time() >= end:
+                    return
+                params = SamplingParams(max_tokens=r.output_len, ignore_eos=True)
+                ids = [int(t) % (VOCAB - 1) + 1 for t in r.prompt]
+                outputs = 0
+                async for out in engine.submit(ids, params, client_id=client):
+                    outputs += len(out.new_token_ids)
+                if loop.time() < end:
+                    done_tokens[0] += len(ids) + outputs
+
+        await asyncio.gather(*(worker(c) for c in clients for _ in range(MIX_ENGINE_BACKLOG)))
+        hits, queries = engine.core.prefix_hits, engine.core.prefix_queries
+    d = np.asarray(diffs)
+    return {
+        "throughput_tps": done_tokens[0] / seconds,
+        "cache_hit_rate": hits / queries if queries else 0.0,
+        "max_service_gap": float(d.max() - d.min()),
+    }
+
+
+def mix_engine_experiment() -> dict:
+    """(b) on the real engine, and the simulator's prediction with a cost model fitted there."""
+    import asyncio
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from generation import build_model
+
+    specs = parse_scheduler_specs(MIX_ENGINE_SCHEDULERS)
+    work = make_workload("locality-mix", **MIX_ENGINE_WORKLOAD)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "qwen3-12m"
+        build_model(path, 0)
+        steps: list = []
+        calib = make_workload("klpm", seed=100, **ENGINE_WORKLOAD).at_once().requests
+        asyncio.run(_engine_run(path, specs[0], calib, steps))
+        cost, _ = fit_cost_model([f for f, _ in steps], [t for _, t in steps])
+        for spec in specs:
+            real = asyncio.run(_engine_mix_run(path, spec, work.requests, MIX_ENGINE_SECONDS))
+            sched = make_scheduler(spec, PluginManager())
+            sim = report.summarize(
+                simulate(
+                    work.requests,
+                    sched,
+                    MIX_ENGINE_CONFIG,
+                    cost,
+                    until=MIX_ENGINE_SECONDS,
+                    backlog=MIX_ENGINE_BACKLOG,
+                    per_client=True,
+                )
+            )
+            rows.append({"scheduler": spec.label, "engine": real, "sim": sim})
+    return {"cost_model": cost, "rows": rows, "seconds": MIX_ENGINE_SECONDS}
+
+
+def mix_engine_table(res: dict) -> str:
+    lines = [
+        "| scheduler | engine tok/s | sim tok/s | engine hit rate | sim hit rate "
+        "| engine max gap | sim max gap |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["rows"]:
+        e, s = r["engine"], r["sim"]
+        lines.append(
+            f"| `{r['scheduler']}` | {e['throughput_tps']:,.0f} | {s.throughput_tps:,.0f} | "
+            f"{e['cache_hit_rate']:.2f} | {s.cache_hit_rate:.2f} | "
+            f"{e['max_service_gap']:,.0f} | {s.max_service_gap:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small smoke run of (a) and (b)")
-    p.add_argument("--parts", default="a,b,d", help="which of a,b,c,d (c: the real engine)")
+    p.add_argument(
+        "--parts", default="a,b,d", help="which of a,b,c,d,e (c, e: (a), (b) on the real engine)"
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
@@ -565,6 +665,21 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
         data["engine"] = c
+
+    if "e" in parts:
+        e = mix_engine_experiment()
+        md += [
+            "### (e) Locality mix on the real engine (CPU, 12M-parameter bench model) vs the "
+            "simulator",
+            "",
+            f"Closed loop, {MIX_ENGINE_BACKLOG} requests in flight per client, "
+            f"{e['seconds']:g} s per scheduler; cost model fitted (NNLS) on a calibration run: "
+            f"{e['cost_model']}.",
+            "",
+            mix_engine_table(e),
+            "",
+        ]
+        data["mix_engine"] = e
 
     md.append(f"{CAPACITY_DEFINITION}.")
     text = "\n".join(md)

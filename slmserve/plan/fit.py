@@ -40,18 +40,9 @@ class FitQuality(msgspec.Struct, kw_only=True):
 
 
 def step_features(plan: StepPlan) -> list[float]:
-    """``[1, Σ new, Σ attention area, decodes?, decoding requests, Σ decode context]``."""
-    prefill = attention = 0.0
-    batch = context = 0
-    for item in plan.items:
-        n, start = item.n, item.start
-        if n == 1 and start >= item.seq.num_prompt:
-            batch += 1
-            context += start + 1
-        else:
-            prefill += n
-            attention += n * (start + (n + 1) / 2)
-    return [1.0, prefill, attention, float(batch > 0), float(batch), float(context)]
+    """``[1, Σ new, Σ attention area, decodes?, decoding requests, Σ decode context]``: the
+    simulator's own regressors (:meth:`CostModel.features`), so a fit means what it simulates."""
+    return CostModel.features(plan)
 
 
 def nnls(a: np.ndarray, b: np.ndarray, *, max_iter: int | None = None) -> np.ndarray:

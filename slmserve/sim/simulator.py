@@ -99,7 +99,10 @@ class CostModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
     decode_seq: NonNegFloat = 5e-5
     decode_context: NonNegFloat = 1e-8
 
-    def step_time(self, plan: StepPlan) -> float:
+    @staticmethod
+    def features(plan: StepPlan) -> list[float]:
+        """The regressors of one step, in field order: ``[1, Σ new, Σ attention area,
+        decodes?, decoding requests, Σ decode context]`` (what ``bench profile`` fits on)."""
         prefill = attention = 0.0
         batch = context = 0
         for item in plan.items:
@@ -110,8 +113,12 @@ class CostModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
             else:
                 prefill += n
                 attention += n * (start + (n + 1) / 2)
+        return [1.0, prefill, attention, float(batch > 0), float(batch), float(context)]
+
+    def step_time(self, plan: StepPlan) -> float:
+        _, prefill, attention, decodes, batch, context = self.features(plan)
         t = self.step_overhead + self.prefill_token * prefill + self.prefill_attention * attention
-        if batch:
+        if decodes:
             t += self.decode_step + self.decode_seq * batch + self.decode_context * context
         return t
 
