@@ -6,6 +6,7 @@ CLI flag, a Python keyword — produces the same message naming the field.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -115,3 +116,57 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             out[key.strip()] = value.strip()
     return out
+
+
+# ---------------------------------------------------------------------------- plugin options
+# Scheduler, router and other plugin factories validate their ``**options`` with these, so a
+# bad ``--scheduler-opt``/``--policy-opt`` (TOML-parsed, or a plain string) gets one message
+# shape everywhere. ``kind`` names what the option belongs to in that message.
+
+
+def int_option(name: str, value: Any, *, minimum: int, kind: str = "scheduler") -> int:
+    """An integer option (``"4"`` is accepted); errors name it."""
+    error = ValueError(f"{kind} option {name!r} must be an integer, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise error from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error
+    if value < minimum:
+        raise ValueError(f"{kind} option {name!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def number_option(
+    name: str,
+    value: Any,
+    *,
+    minimum: float = 0.0,
+    strict: bool = False,
+    finite: bool = True,
+    kind: str = "scheduler",
+) -> float:
+    """A real-valued option (numeric strings accepted); ``strict`` excludes the minimum."""
+    error = ValueError(f"{kind} option {name!r} must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise error from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise error
+    value = float(value)
+    if finite and (math.isnan(value) or math.isinf(value)):
+        raise ValueError(f"{kind} option {name!r} must be finite, got {value}")
+    if math.isnan(value) or value < minimum or (strict and value == minimum):
+        bound = ">" if strict else ">="
+        raise ValueError(f"{kind} option {name!r} must be {bound} {minimum}, got {value}")
+    return value
+
+
+def choice_option(name: str, value: Any, choices: tuple[str, ...], kind: str = "scheduler") -> str:
+    if value not in choices:
+        raise ValueError(f"{kind} option {name!r} must be one of {choices}, got {value!r}")
+    return str(value)

@@ -14,7 +14,6 @@ and, optionally, the ``on_*`` hooks.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from slmserve import config
 from slmserve.types import DEFAULT_CLIENT
 
 
@@ -170,17 +170,7 @@ def least_loaded(live: Sequence[str], load: Mapping[str, int]) -> str:
 
 
 def number_option(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False) -> float:
-    """A real-valued router option (numeric strings accepted), with a clear error."""
-    error = ValueError(f"router option {name!r} must be a number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise error from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise error
-    value = float(value)
-    if math.isnan(value) or value < minimum or (strict and value == minimum):
-        bound = ">" if strict else ">="
-        raise ValueError(f"router option {name!r} must be {bound} {minimum}, got {value}")
-    return value
+    """A real-valued router option: the shared validator, router wording, infinity allowed."""
+    return config.number_option(
+        name, value, minimum=minimum, strict=strict, finite=False, kind="router"
+    )

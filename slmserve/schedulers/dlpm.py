@@ -40,16 +40,11 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from slmserve.config import number_option
 from slmserve.hookspecs import hookimpl
 from slmserve.interfaces import Scheduler
 from slmserve.plugins import Registry
-from slmserve.schedulers.lpm import (
-    ClientTally,
-    WaitingIndex,
-    client_queues,
-    lpm_sorted,
-    number_option,
-)
+from slmserve.schedulers.lpm import ClientTally, WaitingIndex, client_queues, lpm_sorted
 from slmserve.types import SchedRequest, StepReport
 
 DEFAULT_QUANTUM = 2048.0

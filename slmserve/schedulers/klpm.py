@@ -22,10 +22,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from slmserve.config import choice_option, int_option
 from slmserve.hookspecs import hookimpl
 from slmserve.interfaces import Scheduler
 from slmserve.plugins import Registry
-from slmserve.schedulers.lpm import ClientTally, choice_option, fcfs_sorted, int_option
+from slmserve.schedulers.lpm import ClientTally, fcfs_sorted
 from slmserve.types import SchedRequest, StepReport
 
 

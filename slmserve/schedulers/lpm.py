@@ -23,12 +23,12 @@ checks, per-client token tallies), so each policy module stays one screen long.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from operator import attrgetter
 from typing import Any
 
+from slmserve.config import choice_option, int_option
 from slmserve.hookspecs import hookimpl
 from slmserve.interfaces import Scheduler
 from slmserve.plugins import Registry
@@ -82,48 +82,6 @@ def client_queues(
 
 
 # ---------------------------------------------------------------------------- option checks
-
-
-def int_option(name: str, value: Any, *, minimum: int) -> int:
-    """An integer option (``"4"`` from ``--scheduler-opt`` is accepted); errors name it."""
-    error = ValueError(f"scheduler option {name!r} must be an integer, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = int(value)
-        except ValueError:
-            raise error from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise error
-    if value < minimum:
-        raise ValueError(f"scheduler option {name!r} must be >= {minimum}, got {value}")
-    return value
-
-
-def number_option(
-    name: str, value: Any, *, minimum: float = 0.0, strict: bool = False, finite: bool = True
-) -> float:
-    """A real-valued option (numeric strings accepted); ``strict`` excludes the minimum."""
-    error = ValueError(f"scheduler option {name!r} must be a number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise error from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise error
-    value = float(value)
-    if math.isnan(value) or (finite and math.isinf(value)):
-        raise ValueError(f"scheduler option {name!r} must be finite, got {value}")
-    if value < minimum or (strict and value == minimum):
-        bound = ">" if strict else ">="
-        raise ValueError(f"scheduler option {name!r} must be {bound} {minimum}, got {value}")
-    return value
-
-
-def choice_option(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"scheduler option {name!r} must be one of {choices}, got {value!r}")
-    return str(value)
 
 
 class ClientTally:

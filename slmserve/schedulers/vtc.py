@@ -31,17 +31,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from slmserve.config import choice_option, number_option
 from slmserve.hookspecs import hookimpl
 from slmserve.interfaces import Scheduler
 from slmserve.plugins import Registry
-from slmserve.schedulers.lpm import (
-    ClientTally,
-    WaitingIndex,
-    choice_option,
-    client_queues,
-    fcfs_sorted,
-    number_option,
-)
+from slmserve.schedulers.lpm import ClientTally, WaitingIndex, client_queues, fcfs_sorted
 from slmserve.types import SchedRequest, StepReport
 
 

@@ -42,7 +42,7 @@ from slmserve.sim.simulator import (
     SimEngine,
     SimRequest,
     SimResult,
-    _validate,
+    prepare,
 )
 
 
@@ -89,20 +89,7 @@ def simulate_cluster(
     if not replicas:
         raise ValueError("a cluster needs at least one replica")
     names = [spec.name for spec in replicas]
-    reqs = sorted(requests, key=lambda r: (r.arrival, r.rid))
-    for spec in replicas:
-        _validate(reqs, spec.config)
-    clients = sorted({r.client for r in reqs})
-    records = {
-        r.rid: RequestRecord(
-            rid=r.rid,
-            client=r.client,
-            group=r.group,
-            arrival=r.arrival,
-            prompt_tokens=len(r.prompt),
-        )
-        for r in reqs
-    }
+    reqs, clients, records = prepare(requests, [spec.config for spec in replicas])
     engines = [
         SimEngine(spec.scheduler, spec.config, spec.cost, clients, records, check=check)
         for spec in replicas

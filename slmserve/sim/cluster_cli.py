@@ -23,6 +23,7 @@ from slmserve.routing.base import Router
 from slmserve.sim import report
 from slmserve.sim.cli import (
     SchedulerSpec,
+    _num,
     _sim_config,
     _workload_info,
     make_scheduler,
@@ -142,7 +143,3 @@ def format_cluster_table(entries: list[dict[str, Any]]) -> str:
             f"{s.cache_hit_rate:>5.2f} {s.throughput_rps:>8.2f}"
         )
     return "\n".join(lines)
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"

@@ -438,19 +438,7 @@ def simulate(
     """
     config = config or SimConfig()
     cost = cost or CostModel()
-    reqs = sorted(requests, key=lambda r: (r.arrival, r.rid))
-    _validate(reqs, config)
-    clients = sorted({r.client for r in reqs})
-    records = {
-        r.rid: RequestRecord(
-            rid=r.rid,
-            client=r.client,
-            group=r.group,
-            arrival=r.arrival,
-            prompt_tokens=len(r.prompt),
-        )
-        for r in reqs
-    }
+    reqs, clients, records = prepare(requests, [config])
     engine = SimEngine(scheduler, config, cost, clients, records, check=check, trace=trace)
     waiting_per_client = engine.waiting_per_client
 
@@ -567,6 +555,25 @@ class _StepLogBuilder:
             backlogged=np.array(self.backlogged, bool).reshape(steps, nclients),
             **ints,
         )
+
+
+def prepare(
+    requests: Iterable[SimRequest], configs: Sequence[SimConfig]
+) -> tuple[list[SimRequest], list[str], dict[str, RequestRecord]]:
+    """Requests in arrival order (checked against every engine config), the sorted client
+    names, and a fresh record per request: what every simulated run starts from."""
+    reqs = sorted(requests, key=lambda r: (r.arrival, r.rid))
+    for config in configs:
+        _validate(reqs, config)
+    clients = sorted({r.client for r in reqs})
+    records = {
+        r.rid: RequestRecord(
+            rid=r.rid, client=r.client, group=r.group, arrival=r.arrival,
+            prompt_tokens=len(r.prompt),
+        )
+        for r in reqs
+    }  # fmt: skip
+    return reqs, clients, records
 
 
 def _validate(reqs: Sequence[SimRequest], config: SimConfig) -> None:
