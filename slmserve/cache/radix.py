@@ -75,7 +75,6 @@ class RadixNode:
         "lock_ref",
         "parent",
         "slots",
-        "version",
     )
 
     def __init__(
@@ -94,7 +93,6 @@ class RadixNode:
         self.children: dict[int, RadixNode] = {}
         self.lock_ref = lock_ref
         self.last_access = last_access
-        self.version = 0  # bumped whenever ``children`` changes (see RadixCache.match_length)
 
     def __repr__(self) -> str:
         head = self.key[:4].tolist()
@@ -108,10 +106,9 @@ class RadixNode:
 Touch = tuple["RadixNode", int | None]
 """A change :meth:`RadixCache.take_touched` reports (see there)."""
 
-Mark = tuple["RadixNode", int, int, int, int]
+Mark = tuple["RadixNode", int]
 """Where :meth:`RadixCache.match_length` stopped, to resume from next time: the last fully
-matched node, the depth where its edge ends, the node's ``version`` then, the matched length
-and the number of tokens matched against."""
+matched node and the depth where its edge ends."""
 
 
 class MatchResult(NamedTuple):
@@ -153,7 +150,6 @@ class RadixCache:
     def _touch(self, node: RadixNode, token: int | None = None) -> None:
         """``node``'s child starting with ``token`` changed, or (``None``) ``node`` left the
         tree."""
-        node.version += 1
         if self._touched is not None:
             self._touched.append((node, token))
 
@@ -241,22 +237,18 @@ class RadixCache:
         ``resume`` is the mark an earlier call returned for a prefix of the same tokens. The
         path above a node never changes while the node is attached (eviction detaches leaves
         only; a split keeps the lower half in the original object, so the node's end depth
-        holds), and a match reaches at most partway into one child edge below its mark. So if
-        the mark's node is attached and its children are unchanged (same ``version``) and the
-        tokens are the same length, the answer is the mark's; if only the children changed,
-        the walk restarts at the node. Mutates nothing.
+        holds), so the walk restarts at the mark's node when it is still attached. Which marks
+        need a new walk at all is :class:`~slmserve.cache.tracker.PrefixTracker`'s business
+        (from :meth:`take_touched`). Mutates nothing.
         """
         if not (type(tokens) is np.ndarray and tokens.dtype == np.int64 and tokens.ndim == 1):
             tokens = _as_tokens(tokens)  # the engine's keys already are; skip the conversion
         n = len(tokens)
         node, pos = self.root, 0
         if resume is not None:
-            mark_node, depth, version, length, seen = resume
-            if mark_node.parent is not None or mark_node is self.root:
-                if version == mark_node.version and seen == n:
-                    return length, resume
-                if depth <= n:
-                    node, pos = mark_node, depth
+            mark_node, depth = resume
+            if depth <= n and (mark_node.parent is not None or mark_node is self.root):
+                node, pos = mark_node, depth
         while pos < n:
             child = node.children.get(int(tokens[pos]))
             if child is None:
@@ -264,9 +256,9 @@ class RadixCache:
             k = len(child.key)
             if tokens[pos : pos + k].tobytes() != child._kb:  # ends inside this edge
                 length = pos + self._common_len(child, tokens, tokens.tobytes(), pos)
-                return length, (node, pos, node.version, length, n)
+                return length, (node, pos)
             node, pos = child, pos + k
-        return pos, (node, pos, node.version, pos, n)
+        return pos, (node, pos)
 
     def insert(
         self, tokens: np.ndarray | Sequence[int], slots: np.ndarray | Sequence[int]

@@ -29,7 +29,6 @@ class PrefixTracker:
         cache.take_touched()  # start from now
         self._tokens: dict[Hashable, np.ndarray] = {}
         self._marks: dict[Hashable, Mark] = {}
-        self._spots: dict[Hashable, tuple[RadixNode, int | None]] = {}
         # node -> next token (None: the tokens end at the node) -> keys whose walk stopped there
         self._parked: dict[RadixNode, dict[int | None, set[Hashable]]] = {}
         self._new: set[Hashable] = set()
@@ -41,13 +40,13 @@ class PrefixTracker:
         self._new.add(key)
 
     def discard(self, key: Hashable) -> None:
-        if self._tokens.pop(key, None) is None:
+        tokens = self._tokens.pop(key, None)
+        if tokens is None:
             return
         self._new.discard(key)
-        self._marks.pop(key, None)
-        spot = self._spots.pop(key, None)
-        if spot is not None:
-            self._unpark(key, *spot)
+        mark = self._marks.pop(key, None)
+        if mark is not None:
+            self._unpark(key, *_spot(tokens, mark))
 
     def refresh(self) -> list[tuple[Hashable, int]]:
         """Re-match what may have changed; returns ``(key, length)`` for each key matched."""
@@ -72,15 +71,13 @@ class PrefixTracker:
             tokens = self._tokens.get(key)
             if tokens is None:
                 continue
-            old = self._spots.get(key)
+            old = self._marks.get(key)
             if old is not None:
-                self._unpark(key, *old)
-            length, mark = self.cache.match_length(tokens, self._marks.get(key))
-            node, depth = mark[0], mark[1]
-            spot = (node, int(tokens[depth]) if depth < len(tokens) else None)
+                self._unpark(key, *_spot(tokens, old))
+            length, mark = self.cache.match_length(tokens, old)
             self._marks[key] = mark
-            self._spots[key] = spot
-            self._parked.setdefault(node, {}).setdefault(spot[1], set()).add(key)
+            node, token = _spot(tokens, mark)
+            self._parked.setdefault(node, {}).setdefault(token, set()).add(key)
             out.append((key, length))
         return out
 
@@ -98,3 +95,10 @@ class PrefixTracker:
 
     def __len__(self) -> int:
         return len(self._tokens)
+
+
+def _spot(tokens: np.ndarray, mark: Mark) -> tuple[RadixNode, int | None]:
+    """Where a key is parked: its mark's node and the token it looks up next there (``None``
+    when its tokens end at the node)."""
+    node, depth = mark
+    return node, int(tokens[depth]) if depth < len(tokens) else None
