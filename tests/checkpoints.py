@@ -95,3 +95,24 @@ def load_hf(path: str | Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(path: str | Path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """The reference: transformers ``generate``, greedy, one prompt at a time, EOS ignored."""
+    import torch
+
+    model = load_hf(path)
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            out.append(gen[0, len(p) :].tolist())
+    return out

@@ -11,8 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-from checkpoints import load_hf
+from checkpoints import hf_greedy
 
 from slmserve import Engine, EngineConfig, SamplingParams
 from slmserve.engine import collect
@@ -35,21 +34,7 @@ def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def _reference(path: Path, prompts: list[list[int]]) -> list[list[int]]:
-    model = load_hf(path)
-    out = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=MAX_NEW,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            out.append(gen[0, len(p) :].tolist())
-    return out
+    return hf_greedy(path, prompts, MAX_NEW)
 
 
 async def _run(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
