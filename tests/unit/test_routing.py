@@ -313,3 +313,57 @@ def test_simulate_command_runs_a_cluster(tmp_path, capsys) -> None:  # type: ign
     assert d2["summary"]["finished"] == 80 and set(d2["replica_of"].values()) == {"r0", "r1"}
     assert main(["simulate", "--replicas", "2", "--router", "nope"]) == 2
     assert "unknown router 'nope'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+
+def _routing_benchmark():  # type: ignore[no-untyped-def]
+    """``benchmarks/routing.py`` as a module (it is a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "routing.py"
+    spec = importlib.util.spec_from_file_location("routing_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flood_workload_keeps_light_clients_within_their_share() -> None:
+    """The light clients stay under a fair share; the heavy one floods only its window."""
+    bench = _routing_benchmark()
+    config = SimConfig(kv_tokens=32_768)
+    requests, info = bench.flood_workload(2, config, 120, 1.5, 0.5)
+    light = [r for r in requests if r.client != "client0"]
+    heavy = [r for r in requests if r.client == "client0"]
+    assert len(light) == 120 and len(heavy) == info["heavy_requests"] > len(light)
+    assert {r.client for r in light} <= {f"client{c}" for c in range(1, 8)}
+    assert info["busiest_light_share"] < 1 / 8
+    span = info["span_s"]
+    assert span / 4 <= min(r.arrival for r in heavy)
+    assert max(r.arrival for r in heavy) <= 3 * span / 4 + 1e-9
+    assert [r.arrival for r in requests] == sorted(r.arrival for r in requests)
+    assert len({r.rid for r in requests}) == len(requests)
+    heavy_rate = (len(heavy) - 1) / (heavy[-1].arrival - heavy[0].arrival)
+    assert heavy_rate == pytest.approx(info["heavy_rate_rps"])
+
+
+@pytest.mark.slow
+def test_routing_benchmark_quick_simulator_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "routing.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--parts", "a", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "routing_a.md").read_text()
+    assert "cache_aware / d2lpm worst light-client P99" in table
+    assert table.count("| burst 1.5x | 4 |") == 8
