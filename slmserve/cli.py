@@ -198,11 +198,19 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, help="seconds to drain on SIGTERM")
     g.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto")
     g.add_argument("--access-log", action="store_true", default=None, help="log every request")
+    g.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine in a child process, HTTP in this one (default; they then use two "
+        "cores instead of sharing one interpreter lock)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace, plugins: PluginManager) -> int:
     from slmserve.engine import AsyncEngine
     from slmserve.server.config import load_server_config
+    from slmserve.server.engine_process import ProcessEngine
     from slmserve.server.runner import serve
 
     config = engine_config(args)
@@ -220,6 +228,10 @@ def cmd_serve(args: argparse.Namespace, plugins: PluginManager) -> int:
             "access_log": args.access_log,
         },
     )
+    if args.engine_process:
+        name = server.served_model_name or config.model or "demo"
+        engine = ProcessEngine(config, plugins=plugins, model_name=name)
+        return serve(engine, server, loop=args.loop)
     return serve(AsyncEngine(config, plugins=plugins), server, loop=args.loop)
 
 

@@ -213,9 +213,7 @@ class AsyncEngine:
         assert self._loop_task is not None
         self._accepting = False
         if not await self._wait_idle(timeout) and self.core is not None:
-            self._aborts.update(self.core.waiting)
-            self._aborts.update(self.core.running)
-            self._wake.set()
+            self.abort_all()
             await self._wait_idle(None)  # aborts apply at the next step boundary
         self._loop_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -253,6 +251,18 @@ class AsyncEngine:
             raise EngineClosedError("the engine has not been started")
         return self.backend.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output in tokens (the model's context, capped by the KV pool)."""
+        if self.core is None:
+            raise EngineClosedError("the engine is not running")
+        return self.core.limits.max_model_len
+
+    @property
+    def kv_slots(self) -> int:
+        """KV pool size in tokens (0 before start)."""
+        return self.kv.num_slots if self.kv is not None else 0
+
     # ---------------------------------------------------------------- requests
 
     def submit(
@@ -262,9 +272,12 @@ class AsyncEngine:
         *,
         request_id: str | None = None,
         client_id: str | None = None,
+        stream: RequestStream | None = None,
     ) -> RequestStream:
         """Queue one request and return the stream of its outputs.
 
+        ``stream`` replaces the default output stream with another sink (the engine process
+        passes one that forwards outputs to the front process); its ``request_id`` wins.
         Raises ``ValueError`` for a prompt the engine can never serve (empty, token ids outside
         the vocabulary, longer than the model or the KV pool) and :class:`EngineClosedError`
         when the engine is not running.
@@ -274,8 +287,10 @@ class AsyncEngine:
         self._check_queue(1)
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
+        if stream is not None:
+            request_id = stream.request_id
         return self._enqueue(
-            ids, params, request_id, client_id, detok=self._detokenizer(ids, params)
+            ids, params, request_id, client_id, stream, detok=self._detokenizer(ids, params)
         )
 
     def _check_queue(self, n: int) -> None:
@@ -292,13 +307,14 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None,
         client_id: str | None,
+        stream: RequestStream | None = None,
         **seq_options: Any,
     ) -> RequestStream:
         assert self.core is not None and self.backend is not None
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.core.waiting or rid in self.core.running:
             raise ValueError(f"request id {rid!r} is already in use")
-        stream = RequestStream(rid)
+        stream = stream or RequestStream(rid)
         now = time.monotonic()
         seq = Seq(
             rid,
@@ -428,6 +444,13 @@ class AsyncEngine:
         self._aborts.add(request_id)
         self._wake.set()
 
+    def abort_all(self) -> None:
+        """Abort every waiting and running request (a second shutdown signal)."""
+        if self.core is not None:
+            self._aborts.update(self.core.waiting)
+            self._aborts.update(self.core.running)
+            self._wake.set()
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         assert self.backend is not None
         if isinstance(prompt, str):
@@ -447,19 +470,10 @@ class AsyncEngine:
 
     def _check_ids(self, ids: list[int], *, what: str) -> None:
         assert self.backend is not None
-        vocab = self.backend.info.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{what} token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        check_token_ids(ids, self.backend.info.vocab_size, what=what)
 
     def _check_length(self, ids: list[int], *, what: str) -> None:
-        assert self.core is not None
-        limit = self.core.limits.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(
-                f"{what} has {len(ids)} tokens; the limit is {limit - 1} "
-                f"(max_model_len {limit} leaves room for at least one output token)"
-            )
+        check_prompt_length(ids, self.max_model_len, what=what)
 
     def _detokenizer(self, ids: list[int], params: SamplingParams) -> Any:
         from slmserve.engine.detokenize import IncrementalDetokenizer
@@ -675,6 +689,22 @@ class AsyncEngine:
         for result in getattr(self.plugins.hook, name)(**kwargs):
             if inspect.isawaitable(result):
                 await result
+
+
+def check_token_ids(ids: Sequence[int], vocab: int, *, what: str) -> None:
+    """``ValueError`` naming the first few ids outside ``[0, vocab)``."""
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"{what} token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
+
+def check_prompt_length(ids: Sequence[int], limit: int, *, what: str) -> None:
+    """``ValueError`` unless a prompt leaves room for one output token in ``limit``."""
+    if len(ids) >= limit:
+        raise ValueError(
+            f"{what} has {len(ids)} tokens; the limit is {limit - 1} "
+            f"(max_model_len {limit} leaves room for at least one output token)"
+        )
 
 
 async def _last(stream: RequestStream) -> RequestOutput:

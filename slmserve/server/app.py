@@ -19,16 +19,20 @@ from slmserve.engine import AsyncEngine
 from slmserve.server import openai, score
 from slmserve.server.auth import api_key_middleware
 from slmserve.server.config import ServerConfig
+from slmserve.server.engine_process import ProcessEngine
 from slmserve.server.errors import APIError, error_middleware
 from slmserve.server.keys import CONFIG, ENGINE, METRICS, SERVING
-from slmserve.server.metrics import Metrics
+from slmserve.server.metrics import metrics_for
 from slmserve.server.openai import json_response
 from slmserve.server.protocol import Status
 from slmserve.server.serving import Serving
 
 
-def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> web.Application:
-    """Build the HTTP application around ``engine`` (started and stopped by the app)."""
+def create_app(
+    engine: AsyncEngine | ProcessEngine, config: ServerConfig | None = None
+) -> web.Application:
+    """Build the HTTP application around ``engine`` (started and stopped by the app): an
+    :class:`AsyncEngine` in this process, or a :class:`ProcessEngine` running it in a child."""
     config = config or ServerConfig()
     middlewares = [error_middleware]
     if config.api_key:
@@ -38,7 +42,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> web.A
     app[ENGINE] = engine
     app[CONFIG] = config
     app[SERVING] = serving
-    app[METRICS] = Metrics(engine, serving.model_name)
+    app[METRICS] = metrics_for(engine, serving.model_name)
     setup_routes(app)
     app.cleanup_ctx.append(engine_lifecycle)
     app.on_shutdown.append(drain)
@@ -99,5 +103,5 @@ async def ready(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text format."""
-    body = request.app[METRICS].render()
+    body = await request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

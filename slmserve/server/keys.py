@@ -10,10 +10,11 @@ from aiohttp import web
 
 from slmserve.engine import AsyncEngine
 from slmserve.server.config import ServerConfig
-from slmserve.server.metrics import Metrics
+from slmserve.server.engine_process import ProcessEngine
+from slmserve.server.metrics import ChildMetrics, Metrics
 from slmserve.server.serving import Serving
 
-ENGINE = web.AppKey("slmserve_engine", AsyncEngine)
+ENGINE = web.AppKey("slmserve_engine", AsyncEngine | ProcessEngine)
 CONFIG = web.AppKey("slmserve_server_config", ServerConfig)
 SERVING = web.AppKey("slmserve_serving", Serving)
-METRICS = web.AppKey("slmserve_metrics", Metrics)
+METRICS = web.AppKey("slmserve_metrics", Metrics | ChildMetrics)

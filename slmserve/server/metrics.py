@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from slmserve.engine import AsyncEngine
 from slmserve.hookspecs import hookimpl
+from slmserve.server.engine_process import ProcessEngine
 
 PREFIX = "slmserve:"
 MAX_CLIENTS_PER_SERIES = 100
@@ -212,3 +213,34 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def exposition(self) -> bytes:
+        """What ``GET /metrics`` returns."""
+        return self.render()
+
+
+class ChildMetrics:
+    """``/metrics`` of a server whose engine runs in a child process.
+
+    The child attaches a :class:`Metrics` to its engine (where the hooks fire and the stats
+    live); the front only relays its text.
+    """
+
+    def __init__(self, engine: ProcessEngine) -> None:
+        self.engine = engine
+
+    def attach(self) -> None:
+        """Nothing to do: the child attached its own."""
+
+    def detach(self) -> None:
+        """Nothing to do: the child detaches its own."""
+
+    async def exposition(self) -> bytes:
+        return await self.engine.metrics_text()
+
+
+def metrics_for(engine: AsyncEngine | ProcessEngine, model_name: str) -> Metrics | ChildMetrics:
+    """The application's metrics: here, or relayed from the engine's process."""
+    if isinstance(engine, ProcessEngine):
+        return ChildMetrics(engine)
+    return Metrics(engine, model_name)

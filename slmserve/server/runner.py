@@ -25,6 +25,7 @@ from aiohttp import web
 from slmserve.engine import AsyncEngine
 from slmserve.server.app import create_app
 from slmserve.server.config import ServerConfig
+from slmserve.server.engine_process import ProcessEngine
 from slmserve.server.keys import SERVING
 
 log = logging.getLogger("slmserve.server")
@@ -43,7 +44,7 @@ def loop_factory(name: str = "auto") -> tuple[Callable[[], asyncio.AbstractEvent
     return None, "asyncio"
 
 
-def serve(engine: AsyncEngine, config: ServerConfig, *, loop: str = "auto") -> int:
+def serve(engine: AsyncEngine | ProcessEngine, config: ServerConfig, *, loop: str = "auto") -> int:
     """Serve until a signal; returns the exit status (0 after a clean drain)."""
     factory, loop_name = loop_factory(loop)
     with asyncio.Runner(loop_factory=factory) as runner:
@@ -51,7 +52,7 @@ def serve(engine: AsyncEngine, config: ServerConfig, *, loop: str = "auto") -> i
 
 
 async def serve_async(
-    engine: AsyncEngine,
+    engine: AsyncEngine | ProcessEngine,
     config: ServerConfig,
     *,
     loop_name: str = "asyncio",
@@ -84,18 +85,15 @@ async def serve_async(
     return 0
 
 
-def _install_signal_handlers(stop: asyncio.Event, engine: AsyncEngine) -> None:
+def _install_signal_handlers(stop: asyncio.Event, engine: AsyncEngine | ProcessEngine) -> None:
     """First signal: drain. A second one: abort whatever is still running, at once."""
 
     def on_signal() -> None:
         if not stop.is_set():
             stop.set()
             return
-        core = engine.core
-        if core is not None:
-            log.warning("second signal: aborting in-flight requests")
-            for rid in [*core.waiting, *core.running]:
-                engine.abort(rid)
+        log.warning("second signal: aborting in-flight requests")
+        engine.abort_all()
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,22 +103,24 @@ def _install_signal_handlers(stop: asyncio.Event, engine: AsyncEngine) -> None:
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(on_signal))
 
 
-def _log_started(engine: AsyncEngine, model_name: str, runner: web.AppRunner, loop: str) -> None:
+def _log_started(
+    engine: AsyncEngine | ProcessEngine, model_name: str, runner: web.AppRunner, loop: str
+) -> None:
     addresses = ", ".join(_url(a) for a in runner.addresses)
     info = engine.backend.info if engine.backend is not None else None
-    core = engine.core
     log.info(
         "serving %r on %s (model=%s, device=%s, dtype=%s, kv_tokens=%d, max_model_len=%d, "
-        "scheduler=%s, loop=%s)%s",
+        "scheduler=%s, loop=%s, engine=%s)%s",
         model_name,
         addresses,
         engine.config.model or "demo",
         info.device if info else "?",
         info.dtype if info else "?",
-        engine.kv.num_slots if engine.kv is not None else 0,
-        core.limits.max_model_len if core is not None else 0,
+        engine.kv_slots,
+        engine.max_model_len if engine.running else 0,
         engine.config.scheduler,
         loop,
+        f"process {engine.pid}" if isinstance(engine, ProcessEngine) else "in-process",
         " - RANDOM WEIGHTS: output is meaningless" if info and info.random_weights else "",
     )
 

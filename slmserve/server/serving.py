@@ -18,8 +18,9 @@ from typing import Any
 
 from aiohttp import web
 
-from slmserve.engine import AsyncEngine, EngineClosedError, RequestStream
+from slmserve.engine import AsyncEngine, RequestStream
 from slmserve.server.config import ServerConfig
+from slmserve.server.engine_process import ProcessEngine
 from slmserve.server.errors import APIError
 from slmserve.server.protocol import ChatMessage, SamplingFields
 from slmserve.types import RequestOutput, SamplingParams
@@ -38,7 +39,7 @@ class Prompt:
 class Serving:
     """Per-application helpers around the engine; cheap to build, no state beyond caches."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
+    def __init__(self, engine: AsyncEngine | ProcessEngine, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
         self.model_name = config.served_model_name or engine.config.model or "demo"
@@ -55,10 +56,7 @@ class Serving:
 
     @property
     def max_model_len(self) -> int:
-        core = self.engine.core
-        if core is None:
-            raise EngineClosedError("the engine is not running")
-        return core.limits.max_model_len
+        return self.engine.max_model_len
 
     def check_model(self, name: str | None) -> None:
         """404 unless ``name`` is absent or the served model's name."""
