@@ -6,16 +6,18 @@ default), on the demo model. Each request is timed from submission
 to its complete result: ``engine.submit`` + draining the stream (direct) or ``POST
 /v1/completions`` + reading the JSON body (HTTP, aiohttp client, keep-alive connections).
 
-``--server inprocess`` (default) serves the app from this process, on the same engine the
-direct phase uses — the same model, KV pool and event loop, so the only difference between
-the two numbers is the HTTP layer (the client's own cost included: it shares the process).
-``--server subprocess`` runs ``slmserve serve`` in a child process instead, as deployed.
+``--server subprocess`` (default) runs ``slmserve serve`` in a child process, as deployed:
+HTTP in its front process, the engine in a process of its own (``--no-engine-process``: both
+in one process). The direct phase submits to an engine in this process. ``--server
+inprocess`` serves the app from this process, on the same engine the direct phase uses (one
+process, one interpreter lock for client, HTTP and engine).
 Phases alternate (direct, HTTP, direct, HTTP, ...) after a warm-up, so drift in machine load
 hits both. Prints requests/s, p50 and p99 latency of each, and HTTP/direct throughput (target:
 at least 0.80).
 
-    python benchmarks/http_api.py
-    python benchmarks/http_api.py --server subprocess --requests 2000
+    python benchmarks/http_api.py --torch-threads 1
+    python benchmarks/http_api.py --torch-threads 1 --no-engine-process
+    python benchmarks/http_api.py --server inprocess
     python benchmarks/http_api.py --backend null       # no model: the framework's own ceiling
     python benchmarks/http_api.py --torch-threads 1    # on small hosts: leave a core to the loop
 
@@ -65,6 +67,8 @@ class Run:
     """CPU seconds used by the serving process (all its threads) during the run."""
     steps: int | None = None
     """Engine steps taken during the run (when the engine is in this process)."""
+    client_cpu: float | None = None
+    """CPU seconds used by this process when the server is another one (the client's)."""
 
     @property
     def rps(self) -> float:
@@ -78,9 +82,10 @@ class Run:
         n = len(self.latencies)
         cpu = f"  cpu/req {self.cpu / n * 1e6:>5.0f} us" if self.cpu is not None else ""
         batch = f"  req/step {n / self.steps:>5.1f}" if self.steps else ""
+        client = f"  client cpu/req {self.client_cpu / n * 1e6:>4.0f} us" if self.client_cpu else ""
         return (
             f"{self.name:<8} {n:>6} req  {self.rps:>8.1f} req/s  "
-            f"p50 {self.pct(0.50):>7.1f} ms  p99 {self.pct(0.99):>7.1f} ms{cpu}{batch}"
+            f"p50 {self.pct(0.50):>7.1f} ms  p99 {self.pct(0.99):>7.1f} ms{cpu}{batch}{client}"
         )
 
 
@@ -90,12 +95,25 @@ def own_cpu() -> float:
 
 
 def process_cpu(pid: int) -> float:
-    """CPU seconds of another process (Linux ``/proc``; 0 elsewhere)."""
+    """CPU seconds of another process and its descendants (Linux ``/proc``; 0 elsewhere):
+    the server's front and, when it has one, its engine process."""
     if not os.path.exists(f"/proc/{pid}/stat"):
         return 0.0
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used + sum(process_cpu(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return out
 
 
 async def drive(
@@ -117,12 +135,13 @@ async def drive(
             latencies.append(time.perf_counter() - t0)
 
     steps0 = await steps()
-    cpu0 = cpu()
+    cpu0, own0 = cpu(), own_cpu()
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     seconds = time.perf_counter() - start
-    used = cpu() - cpu0
-    return Run(name, seconds, latencies, used, await steps() - steps0)
+    used, own = cpu() - cpu0, own_cpu() - own0
+    client = own if cpu is not own_cpu else None
+    return Run(name, seconds, latencies, used, await steps() - steps0, client)
 
 
 def engine_steps(engine: Engine) -> Callable[[], Awaitable[int]]:
@@ -173,6 +192,8 @@ def subprocess_server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
     """``slmserve serve --port 0`` in a child process; yields its base URL and pid."""
     cmd = [sys.executable, "-m", "slmserve", "serve", "--port", "0", "--backend", args.backend]
     cmd += ["--kv-tokens", str(args.kv_tokens), "--device", args.device]
+    if not args.engine_process:
+        cmd.append("--no-engine-process")
     env = dict(os.environ)
     if args.torch_threads:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
@@ -270,19 +291,22 @@ def report(args: argparse.Namespace, runs: dict[str, list[Run]]) -> None:
             [x for r in rs for x in r.latencies],
             sum(r.cpu or 0.0 for r in rs),
             None if None in steps else sum(s or 0 for s in steps),
+            sum(r.client_cpu or 0.0 for r in rs) or None,
         )
 
     direct, http = total(runs["direct"]), total(runs["http"])
     print("-" * 100)
     print(
-        f"backend={args.backend} server={args.server} concurrency={args.concurrency} "
+        f"backend={args.backend} server={args.server}"
+        f"{' engine-process' if args.server == 'subprocess' and args.engine_process else ''} "
+        f"concurrency={args.concurrency} "
         f"max_tokens=1 cpus={os.cpu_count()} torch_threads={_torch_threads()}"
     )
     print(direct.line())
     print(http.line())
     print(f"HTTP / direct throughput: {http.rps / direct.rps:.2f}  (target >= 0.80)")
     if direct.cpu and http.cpu:
-        whose = "server process" if args.server == "subprocess" else "this process, client included"
+        whose = "server processes" if args.server == "subprocess" else "this process, with client"
         print(
             f"HTTP / direct CPU per request: {http.cpu / direct.cpu:.2f} ({whose}); "
             f"the throughput ratio when CPU-bound: {direct.cpu / http.cpu:.2f}"
@@ -302,7 +326,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=1024)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--server", choices=["inprocess", "subprocess"], default="inprocess")
+    p.add_argument("--server", choices=["subprocess", "inprocess"], default="subprocess")
+    p.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="subprocess server: engine in its own process (the default of slmserve serve)",
+    )
     p.add_argument("--backend", default="native", help="native (demo model) or null")
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-tokens", type=int, default=16384)
