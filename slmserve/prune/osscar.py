@@ -79,13 +79,21 @@ def remove_groups(
         step = min(update_iter, count - removed)
         chosen = removal_costs(b, hinv, alive, k).topk(step, largest=False).indices
         rows = (chosen[:, None] * k + torch.arange(k, device=b.device)).reshape(-1)
-        h_uu = hinv[rows][:, rows]
-        h_u = hinv[:, rows]
-        # One row (k = 1, one group per step) is the common case: a division, not a solve.
-        solve = torch.div if len(rows) == 1 else _solve_left
-        b = b - h_u @ solve(b[rows], h_uu)
-        hinv = hinv - h_u @ solve(hinv[rows], h_uu)
-        hinv = 0.5 * (hinv + hinv.t())  # keep it symmetric against rounding drift
+        if len(rows) == 1:
+            # One row (an MLP neuron per step) is the common case and the hot loop: two
+            # in-place rank-1 updates. v vᵀ with v = H⁻¹[:, i] / √H⁻¹_ii is exactly symmetric,
+            # so the inverse needs no re-symmetrising.
+            u = hinv[:, rows[0]].clone()
+            c = u[rows[0]].clamp_min(torch.finfo(u.dtype).tiny)
+            b.sub_(torch.outer(u, b[rows[0]] / c))
+            v = u / c.sqrt()
+            hinv.sub_(torch.outer(v, v))
+        else:
+            h_uu = hinv[rows][:, rows]
+            h_u = hinv[:, rows]
+            b = b - h_u @ _solve_left(b[rows], h_uu)
+            hinv = hinv - h_u @ _solve_left(hinv[rows], h_uu)
+            hinv = 0.5 * (hinv + hinv.t())  # keep it symmetric against rounding drift
         b[rows] = 0.0
         hinv[rows] = 0.0
         hinv[:, rows] = 0.0

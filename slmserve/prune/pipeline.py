@@ -152,13 +152,15 @@ def solve(
     return baselines.magnitude(p, keep, refit_weights=method == "magnitude-refit")
 
 
+States = list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]]
+"""Per calibration batch: the layer's input hidden states, its call keywords, the token mask."""
+
+
 class _Stop(Exception):
     """Raised by the capture hook once layer 0's inputs are recorded."""
 
 
-def capture_inputs(
-    model: nn.Module, windows: Windows, batch_size: int
-) -> list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]]:
+def capture_inputs(model: nn.Module, windows: Windows, batch_size: int) -> States:
     """Layer 0's hidden states and call keywords (masks, rotary tables) for every batch.
 
     The keywords are replayed as they are for every later layer: all layers of these families
@@ -190,34 +192,59 @@ def _layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any
     return out[0] if isinstance(out, tuple) else out
 
 
-def _gram(
-    layer: nn.Module, module: nn.Linear, states: list[tuple[torch.Tensor, dict, torch.Tensor]]
-) -> torch.Tensor:
+def _statistics(
+    layer: nn.Module, module: nn.Linear, states: States, keep_io: bool
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One pass of ``layer`` over all batches: ``module``'s input Gram matrix and, if
+    ``keep_io``, ``module``'s inputs and the layer's outputs for every batch (else empty)."""
     collector = GramCollector(module)
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    handle = None
+    if keep_io:
+        handle = module.register_forward_hook(lambda _m, args, _o: inputs.append(args[0]))
     try:
         for hidden, kwargs, mask in states:
             collector.mask = mask
-            _layer_forward(layer, hidden, kwargs)
+            out = _layer_forward(layer, hidden, kwargs)
+            if keep_io:
+                outputs.append(out)
     finally:
+        if handle is not None:
+            handle.remove()
         gram = collector.close()
-    return gram
+    return gram, inputs, outputs
 
 
 def _prune_matrix(
     layer: nn.Module,
     module: nn.Linear,
-    states: list[tuple[torch.Tensor, dict, torch.Tensor]],
+    states: States,
     keep: int,
     group_size: int,
     options: PruneOptions,
-) -> tuple[torch.Tensor, float]:
-    """Collect statistics, solve, write the masked refitted weight; ``(kept groups, error)``."""
-    gram = _gram(layer, module, states)
+    next_states: bool = False,
+) -> tuple[torch.Tensor, float, States | None]:
+    """Collect statistics, solve, write the masked refitted weight.
+
+    Returns the kept groups, the calibration error and, if ``next_states``, the layer's
+    outputs with the new weight. When ``module`` is the last matrix of the layer (``down_proj``)
+    these follow from the same pass: the output is linear in its weight, so the pruned output
+    is the recorded one plus ``X (W_new − W)ᵀ`` — one layer forward per batch saved.
+    """
+    gram, inputs, outputs = _statistics(layer, module, states, keep_io=next_states)
     dense = module.weight.detach().clone()
     p = make_problem(gram, dense, group_size, options.damping)
     sol = solve(options.method, p, keep, gram, options)
     module.weight.data.copy_(sol.weight.t().to(module.weight.dtype))
-    return sol.keep.nonzero().squeeze(1).cpu(), relative_error(gram, dense, module.weight)
+    kept = sol.keep.nonzero().squeeze(1).cpu()
+    following = None
+    if next_states:
+        delta = (module.weight - dense).t()
+        following = [
+            (out + x @ delta, kw, m) for out, x, (_, kw, m) in zip(outputs, inputs, states)
+        ]
+    return kept, relative_error(gram, dense, module.weight), following
 
 
 @torch.no_grad()
@@ -239,15 +266,20 @@ def prune_model(
         n_q, n_kv, hd = attention_shape(layer)
         o_proj, down = layer.self_attn.o_proj, layer.mlp.down_proj
         dense_o, dense_down = o_proj.weight.detach().clone(), down.weight.detach().clone()
+        last = i + 1 == len(layers)
         kv_kept, attn_err = torch.arange(n_kv), 0.0
         if budget.kv_keep < n_kv:
             group = (n_q // n_kv) * hd
-            kv_kept, attn_err = _prune_matrix(layer, o_proj, states, budget.kv_keep, group, options)
-        mlp_kept, mlp_err = torch.arange(down.in_features), 0.0
+            kv_kept, attn_err, _ = _prune_matrix(
+                layer, o_proj, states, budget.kv_keep, group, options
+            )
+        mlp_kept, mlp_err, following = torch.arange(down.in_features), 0.0, None
         if budget.mlp_keep < down.in_features:
-            mlp_kept, mlp_err = _prune_matrix(layer, down, states, budget.mlp_keep, 1, options)
-        if i + 1 < len(layers):
-            states = [(_layer_forward(layer, h, kw), kw, m) for h, kw, m in states]
+            mlp_kept, mlp_err, following = _prune_matrix(
+                layer, down, states, budget.mlp_keep, 1, options, next_states=not last
+            )
+        if not last:
+            states = following or [(_layer_forward(layer, h, kw), kw, m) for h, kw, m in states]
         res = LayerResult(
             mlp_kept, kv_kept, down.in_features, n_kv, mlp_err, attn_err, dense_down, dense_o
         )
