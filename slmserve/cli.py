@@ -211,7 +211,7 @@ def cmd_serve(args: argparse.Namespace, plugins: PluginManager) -> int:
     from slmserve.engine import AsyncEngine
     from slmserve.server.config import load_server_config
     from slmserve.server.engine_process import ProcessEngine
-    from slmserve.server.runner import serve
+    from slmserve.server.runner import StartupError, serve
 
     config = engine_config(args)
     if args.max_waiting_requests is not None:
@@ -228,11 +228,14 @@ def cmd_serve(args: argparse.Namespace, plugins: PluginManager) -> int:
             "access_log": args.access_log,
         },
     )
+    engine: AsyncEngine | ProcessEngine = AsyncEngine(config, plugins=plugins)
     if args.engine_process:
         name = server.served_model_name or config.model or "demo"
         engine = ProcessEngine(config, plugins=plugins, model_name=name)
+    try:
         return serve(engine, server, loop=args.loop)
-    return serve(AsyncEngine(config, plugins=plugins), server, loop=args.loop)
+    except StartupError as exc:
+        raise CLIError(str(exc)) from None
 
 
 # -------------------------------------------------------------------------- main

@@ -693,6 +693,8 @@ class AsyncEngine:
 
 def check_token_ids(ids: Sequence[int], vocab: int, *, what: str) -> None:
     """``ValueError`` naming the first few ids outside ``[0, vocab)``."""
+    if not ids or (min(ids) >= 0 and max(ids) < vocab):  # C-speed common case
+        return
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"{what} token ids outside the vocabulary [0, {vocab}): {bad[:5]}")

@@ -228,12 +228,13 @@ class ProcessEngine:
         try:
             ready = pickle.loads(await asyncio.wait_for(read_frame(reader), START_TIMEOUT))
         except (asyncio.IncompleteReadError, TimeoutError) as exc:
+            ready = f"the engine process exited (code {await self._reap(10.0)}); see its log"
+            if isinstance(exc, TimeoutError):
+                ready = f"the engine process did not load the model in {START_TIMEOUT:.0f} s"
+        if not isinstance(ready, Ready):  # the child's error message, or ours
             writer.close()
-            code = await self._reap(10.0)
-            raise RuntimeError(
-                f"the engine process failed to start (exit code {code}); its log is above"
-            ) from exc
-        assert isinstance(ready, Ready)
+            await self._reap(10.0)
+            raise RuntimeError(ready)
         self.backend = RemoteBackend(ready.info, ready.tokenizer)
         self._max_model_len = ready.max_model_len
         self._kv_slots = ready.kv_slots
@@ -486,9 +487,15 @@ async def serve_engine(sock: socket.socket) -> None:
     config = config.replace(
         max_waiting_requests=config.max_waiting_requests + config.max_running_requests
     )
-    engine = AsyncEngine(config, plugins=PluginManager())
+    try:
+        engine = AsyncEngine(config, plugins=PluginManager())
+        await engine.start()
+    except Exception as exc:  # a bad checkpoint, an unknown option: one line to the front
+        write_frame(writer, pickle.dumps(f"{type(exc).__name__}: {exc}"))
+        await writer.drain()
+        writer.close()
+        return
     metrics = Metrics(engine, start.model_name)
-    await engine.start()
     metrics.attach()
     assert engine.backend is not None
     ready = Ready(engine.backend.info, engine.tokenizer, engine.max_model_len, engine.kv_slots)

@@ -23,12 +23,17 @@ from collections.abc import Callable
 from aiohttp import web
 
 from slmserve.engine import AsyncEngine
+from slmserve.interfaces import PluginError
 from slmserve.server.app import create_app
 from slmserve.server.config import ServerConfig
 from slmserve.server.engine_process import ProcessEngine
 from slmserve.server.keys import SERVING
 
 log = logging.getLogger("slmserve.server")
+
+
+class StartupError(RuntimeError):
+    """The server could not start (model failed to load, port taken); the message says why."""
 
 
 def loop_factory(name: str = "auto") -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
@@ -66,10 +71,16 @@ async def serve_async(
         shutdown_timeout=config.shutdown_timeout + 5.0,  # the engine drains first (on_shutdown)
         access_log=log if config.access_log else None,
     )
-    await runner.setup()
+    try:
+        await runner.setup()  # starts the engine: loads the model
+    except (OSError, ValueError, RuntimeError, PluginError) as exc:
+        raise StartupError(f"the engine failed to start: {exc}") from exc
     try:
         site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
         _log_started(engine, app[SERVING].model_name, runner, loop_name)
         if stop is None:
             stop = asyncio.Event()

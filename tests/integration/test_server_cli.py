@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import openai
 import pytest
@@ -228,3 +229,13 @@ def _drain(server: Server, client: openai.OpenAI) -> None:
     assert results[2] == "length"
     assert time.monotonic() - started < 30
     assert any("stopped" in line for line in server.lines)
+
+
+@pytest.mark.parametrize("mode", ["--engine-process", "--no-engine-process"])
+def test_a_model_that_cannot_load_is_a_one_line_error(tmp_path: Path, mode: str) -> None:
+    missing = tmp_path / "no-such-model"
+    cmd = [sys.executable, "-m", "slmserve", "serve", "--port", "0", "--model", str(missing), mode]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "slmserve serve: error: the engine failed to start: " in done.stderr
+    assert "does not exist" in done.stderr and "Traceback" not in done.stderr
