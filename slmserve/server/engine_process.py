@@ -30,7 +30,7 @@ import pickle
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,7 +175,8 @@ class Outbox:
 
 
 class ProcessEngine:
-    """``AsyncEngine``'s interface, with the engine in a child process (see the module doc)."""
+    """What the server uses of ``AsyncEngine`` (start, submit, abort, score, shutdown, model
+    facts), with the engine in a child process (see the module doc)."""
 
     def __init__(
         self,
@@ -347,23 +348,6 @@ class ProcessEngine:
         self._streams[rid] = stream
         self._outbox.touch().submits.append(Submit(rid, ids, params or SamplingParams(), client_id))
         return stream
-
-    async def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        *,
-        request_id: str | None = None,
-        client_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream outputs for one prompt; leaving the loop early aborts the request."""
-        stream = self.submit(prompt, params, request_id=request_id, client_id=client_id)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            if not stream.finished:
-                self.abort(stream.request_id)
 
     def abort(self, request_id: str) -> None:
         if request_id in self._streams and self._outbox is not None:
