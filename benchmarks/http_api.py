@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from slmserve import Engine, EngineConfig, SamplingParams
@@ -187,6 +188,53 @@ def http_caller(session: aiohttp.ClientSession, url: str) -> Callable[[str], Awa
     return one
 
 
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive load generator (one connection per worker), like ``wrk``.
+
+    On a 2-core host the load generator takes CPU from the server it measures; aiohttp's client
+    spends ~130 us per request, this one a fraction of that. It sends the same JSON request and
+    reads the whole response (``Content-Length``) and checks its status and body."""
+
+    def __init__(self, url: str, connections: int) -> None:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.connections = connections
+        self.pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.Queue()
+        )
+
+    async def __aenter__(self) -> RawClient:
+        for _ in range(self.connections):
+            self.pool.put_nowait(await asyncio.open_connection(self.host, self.port))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        while not self.pool.empty():
+            _, writer = self.pool.get_nowait()
+            writer.close()
+
+    def caller(self) -> Callable[[str], Awaitable[None]]:
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n"
+        )
+
+        async def one(prompt: str) -> None:
+            body = msgspec.json.encode({"model": "demo", "prompt": prompt, "max_tokens": 1})
+            reader, writer = await self.pool.get()
+            try:
+                writer.write(head.format(len(body)).encode() + body)
+                header = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", header).group(1))  # type: ignore[union-attr]
+                data = await reader.readexactly(length)
+            finally:
+                self.pool.put_nowait((reader, writer))
+            assert header.startswith(b"HTTP/1.1 200"), (header, data)
+            assert msgspec.json.decode(data)["choices"][0]["finish_reason"], data
+
+        return one
+
+
 @contextmanager
 def subprocess_server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
     """``slmserve serve --port 0`` in a child process; yields its base URL and pid."""
@@ -194,6 +242,8 @@ def subprocess_server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
     cmd += ["--kv-tokens", str(args.kv_tokens), "--device", args.device]
     if not args.engine_process:
         cmd.append("--no-engine-process")
+    elif args.engine_cpus:
+        cmd += ["--engine-cpus", args.engine_cpus]
     env = dict(os.environ)
     if args.torch_threads:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
@@ -238,7 +288,22 @@ async def inprocess_server(engine: Engine) -> AsyncIterator[str]:
         await runner.cleanup()  # stops the engine
 
 
+def pin(args: argparse.Namespace) -> None:
+    """Resolve ``--engine-cpus`` and move this process off those CPUs (see the flag's help)."""
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pinned = args.server == "subprocess" and args.engine_process and len(usable) >= 2
+    if args.engine_cpus == "none" or not pinned:
+        args.engine_cpus = None
+        return
+    if args.engine_cpus == "auto":
+        args.engine_cpus = str(usable[-1])
+    from slmserve.server.config import parse_cpus
+
+    os.sched_setaffinity(0, set(usable) - parse_cpus(args.engine_cpus))
+
+
 async def main(args: argparse.Namespace) -> None:
+    pin(args)
     if args.torch_threads:
         import torch
 
@@ -265,10 +330,14 @@ async def main(args: argparse.Namespace) -> None:
                 url, pid = stack.enter_context(subprocess_server(args))
                 http_cpu = partial(process_cpu, pid)
             connector = aiohttp.TCPConnector(limit=args.concurrency)
-            async with aiohttp.ClientSession(connector=connector) as session:
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                RawClient(url, args.concurrency) as raw,
+            ):
+                http = http_caller(session, url) if args.client == "aiohttp" else raw.caller()
                 phases = [
                     ("direct", direct_caller(engine), own_cpu, engine_steps(engine)),
-                    ("http", http_caller(session, url), http_cpu, scraped_steps(session, url)),
+                    ("http", http, http_cpu, scraped_steps(session, url)),
                 ]
                 for _, call, cpu, steps in phases:
                     limits = (args.concurrency, cpu, steps)
@@ -299,7 +368,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[Run]]) -> None:
     print(
         f"backend={args.backend} server={args.server}"
         f"{' engine-process' if args.server == 'subprocess' and args.engine_process else ''} "
-        f"concurrency={args.concurrency} "
+        f"client={args.client} engine_cpus={args.engine_cpus} concurrency={args.concurrency} "
         f"max_tokens=1 cpus={os.cpu_count()} torch_threads={_torch_threads()}"
     )
     print(direct.line())
@@ -334,6 +403,19 @@ def parse_args() -> argparse.Namespace:
         help="subprocess server: engine in its own process (the default of slmserve serve)",
     )
     p.add_argument("--backend", default="native", help="native (demo model) or null")
+    p.add_argument(
+        "--engine-cpus",
+        default="auto",
+        help="subprocess server with an engine process: its --engine-cpus; 'auto': the last "
+        "usable CPU (this process, client and direct engine, then takes the others, like the "
+        "server's front); 'none': no pinning",
+    )
+    p.add_argument(
+        "--client",
+        choices=["raw", "aiohttp"],
+        default="raw",
+        help="HTTP load generator: a minimal keep-alive HTTP/1.1 client, or aiohttp's",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-tokens", type=int, default=16384)
     p.add_argument(

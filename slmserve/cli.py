@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -205,11 +206,16 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="run the engine in a child process, HTTP in this one (default; they then use two "
         "cores instead of sharing one interpreter lock)",
     )
+    g.add_argument(
+        "--engine-cpus",
+        metavar="LIST",
+        help="pin the engine process to these CPUs ('1', '2-7'; Linux), the HTTP front to the rest",
+    )
 
 
 def cmd_serve(args: argparse.Namespace, plugins: PluginManager) -> int:
     from slmserve.engine import AsyncEngine
-    from slmserve.server.config import load_server_config
+    from slmserve.server.config import load_server_config, parse_cpus
     from slmserve.server.engine_process import ProcessEngine
     from slmserve.server.runner import StartupError, serve
 
@@ -226,12 +232,18 @@ def cmd_serve(args: argparse.Namespace, plugins: PluginManager) -> int:
             "max_body_bytes": args.max_body_bytes,
             "shutdown_timeout": args.shutdown_timeout,
             "access_log": args.access_log,
+            "engine_cpus": args.engine_cpus,
         },
     )
     engine: AsyncEngine | ProcessEngine = AsyncEngine(config, plugins=plugins)
     if args.engine_process:
         name = server.served_model_name or config.model or "demo"
-        engine = ProcessEngine(config, plugins=plugins, model_name=name)
+        cpus = parse_cpus(server.engine_cpus) if server.engine_cpus else None
+        engine = ProcessEngine(config, plugins=plugins, model_name=name, cpus=cpus)
+        if cpus:
+            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - cpus)  # the front
+    elif server.engine_cpus:
+        raise CLIError("--engine-cpus needs the engine process (drop --no-engine-process)")
     try:
         return serve(engine, server, loop=args.loop)
     except StartupError as exc:

@@ -63,6 +63,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     CPU hosts ``cores - 1`` leaves a core for the event loop."""
     gc_freeze: bool = True
     """``gc.freeze()`` after start-up so long-lived objects never get scanned again."""
+    model_thread: bool = True
+    """Run each step's forward pass in a worker thread, so the event loop (HTTP handlers that
+    share it) stays responsive while the model computes. The engine process of ``slmserve
+    serve`` turns it off: nothing else needs its loop, and a thread hand-off per step plus the
+    two threads contending for the interpreter lock cost more than they give."""
     cuda_graphs: bool = True
     """On CUDA, capture the decode forward as CUDA graphs at start-up (batch sizes 1, 2, 4, 8,
     16, 32, ... up to ``max_running_requests``) and replay them; needs a backend that supports

@@ -535,7 +535,10 @@ class AsyncEngine:
                 await asyncio.sleep(0)
                 continue
             try:
-                result = await loop.run_in_executor(self._executor, self.runner.run, plan)
+                if self.config.model_thread:
+                    result = await loop.run_in_executor(self._executor, self.runner.run, plan)
+                else:
+                    result = self.runner.run(plan)
             except Exception as exc:  # a backend error fails this step's requests only
                 log.exception("model step failed")
                 report = core.fail(plan, f"{type(exc).__name__}: {exc}")

@@ -52,6 +52,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Default compressor chain for ``/v1/score`` (``[{name = "extractive", options = {...}}]``)
     when a request names none; a request's ``compressor`` replaces it (``[]`` turns it off)."""
 
+    engine_cpus: str | None = None
+    """CPUs for the engine process, as ``taskset`` writes them (``"1"``, ``"2-7"``, ``"0,2"``;
+    Linux). The HTTP front gets the others. Keeps the two from being moved onto one core and
+    waiting for each other; leave unset when the engine computes on the CPU with many threads.
+    Unset: no pinning."""
+
     def replace(self, **changes: Any) -> ServerConfig:
         """A validated copy with ``changes`` applied (``None`` values skipped)."""
         return load_server_config(overrides={**msgspec.to_builtins(self), **changes})
@@ -78,3 +84,23 @@ def load_server_config(
         return msgspec.convert(data, ServerConfig, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid server config: {exc}") from None
+
+
+def parse_cpus(text: str) -> set[int]:
+    """``"0,2-3"`` -> ``{0, 2, 3}``; ``ConfigError`` for bad syntax, CPUs the machine does
+    not have, or a list that takes them all (the HTTP front needs one)."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ConfigError(
+            f"engine_cpus: {text!r} is not a CPU list like '1', '2-7' or '0,2'"
+        ) from None
+    machine = set(range(os.cpu_count() or 1))
+    if not cpus or not cpus <= machine:
+        raise ConfigError(f"engine_cpus: {text!r} names CPUs outside 0-{len(machine) - 1}")
+    if cpus == machine:
+        raise ConfigError(f"engine_cpus: {text!r} leaves no CPU for the HTTP front")
+    return cpus

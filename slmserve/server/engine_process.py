@@ -113,6 +113,7 @@ class Start(msgspec.Struct, kw_only=True):
     config: EngineConfig
     model_name: str
     log_level: int
+    cpus: list[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +185,11 @@ class ProcessEngine:
         *,
         plugins: PluginManager | None = None,
         model_name: str | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
         self.config = config or EngineConfig()
+        self.cpus = cpus
+        """CPUs the engine process is pinned to (``None``: not pinned)."""
         self.plugins = plugins or PluginManager()
         self.model_name = model_name or self.config.model or "demo"
         self.backend: RemoteBackend | None = None
@@ -224,6 +228,7 @@ class ProcessEngine:
             config=self.config,
             model_name=self.model_name,
             log_level=logging.getLogger().getEffectiveLevel(),
+            cpus=sorted(self.cpus) if self.cpus else None,
         )
         write_frame(writer, msgspec.msgpack.encode(start))
         try:
@@ -465,11 +470,14 @@ async def serve_engine(sock: socket.socket) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     start = msgspec.msgpack.decode(await read_frame(reader), type=Start)
     logging.getLogger().setLevel(start.log_level)
+    if start.cpus:  # before the engine starts any thread: threads inherit the mask
+        os.sched_setaffinity(0, start.cpus)
     # The front bounds requests in flight (it sees them first); a burst of submits arriving in
     # one frame must not trip the engine's own waiting-queue bound before it can schedule any.
     config = start.config
     config = config.replace(
-        max_waiting_requests=config.max_waiting_requests + config.max_running_requests
+        max_waiting_requests=config.max_waiting_requests + config.max_running_requests,
+        model_thread=False,  # nothing else shares this loop (see EngineConfig.model_thread)
     )
     try:
         engine = AsyncEngine(config, plugins=PluginManager())

@@ -93,9 +93,11 @@ async def test_same_results_errors_aborts_and_drain_as_in_process(demo_backend: 
         assert not remote.running
 
 
-async def test_queue_bound_is_enforced_in_the_front() -> None:
+async def test_queue_bound_in_the_front_and_the_engine_pinned_to_its_cpus() -> None:
     config = CONFIG.replace(max_waiting_requests=1, max_running_requests=1)
-    async with ProcessEngine(config) as remote:
+    last_cpu = max(os.sched_getaffinity(0))
+    async with ProcessEngine(config, cpus={last_cpu}) as remote:
+        assert remote.pid is not None and os.sched_getaffinity(remote.pid) == {last_cpu}
         streams = [remote.submit("one", LONG), remote.submit("two", LONG)]
         with pytest.raises(QueueFullError, match="limit is 2"):
             remote.submit("three", LONG)

@@ -117,3 +117,17 @@ def test_serve_command_flags() -> None:
     assert args.command == "serve" and "serve" in handlers
     assert (args.port, args.api_key, args.scheduler, args.kv_tokens) == (0, "k", "vtc", 64)
     assert args.host is None and args.loop == "auto"
+
+
+def test_engine_cpus_parse_and_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slmserve.server.config import parse_cpus
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert parse_cpus("1") == {1}
+    assert parse_cpus("0,2-4") == {0, 2, 3, 4}
+    with pytest.raises(ConfigError, match="not a CPU list"):
+        parse_cpus("one")
+    with pytest.raises(ConfigError, match="outside 0-7"):
+        parse_cpus("6-9")
+    with pytest.raises(ConfigError, match="leaves no CPU for the HTTP front"):
+        parse_cpus("0-7")
