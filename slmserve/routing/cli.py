@@ -53,6 +53,12 @@ def add_route_parser(
     )
     p.add_argument("--model", help="checkpoint directory whose tokenizer to route with")
     p.add_argument("--health-interval", type=float, default=2.0, help="seconds between checks")
+    p.add_argument(
+        "--health-timeout",
+        type=float,
+        default=2.0,
+        help="seconds a replica has to answer a health check before it leaves the rotation",
+    )
     return cmd_route
 
 
@@ -73,6 +79,8 @@ def cmd_route(args: argparse.Namespace, plugins: PluginManager) -> int:
             raise ConfigError(f"--replica must be an http(s):// URL, got {url!r}")
     if args.health_interval <= 0:
         raise ConfigError("--health-interval must be > 0")
+    if args.health_timeout <= 0:
+        raise ConfigError("--health-timeout must be > 0")
     tokenizer = None
     if args.model is not None:
         from slmserve.models.loader import load_tokenizer
@@ -83,7 +91,11 @@ def cmd_route(args: argparse.Namespace, plugins: PluginManager) -> int:
             raise ConfigError(str(exc)) from None
     route_on = args.route_on or ("tokens" if tokenizer is not None else "text")
     config = ProxyConfig(
-        host=args.host, port=args.port, route_on=route_on, health_interval=args.health_interval
+        host=args.host,
+        port=args.port,
+        route_on=route_on,
+        health_interval=args.health_interval,
+        health_timeout=args.health_timeout,
     )
     try:
         app = create_router_app(router, args.replica, config, tokenizer=tokenizer)

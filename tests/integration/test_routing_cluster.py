@@ -215,6 +215,7 @@ def test_route_command_rejects_bad_input() -> None:
     for args, message in (
         (["--replica", "localhost:8000"], "must be an http(s):// URL"),
         (["--replica", "http://a", "--policy-opt", "quantum=-1"], "quantum"),
+        (["--replica", "http://a", "--health-timeout", "0"], "--health-timeout must be > 0"),
     ):
         out = subprocess.run(
             [sys.executable, "-m", "slmserve", "route", *args],
