@@ -3,19 +3,28 @@
 Nothing here runs per token or per step. Engine-wide gauges and counters are read from
 ``engine.stats()`` when Prometheus scrapes (a custom collector); per-request histograms and
 counters are updated once per request, from the ``slmserve_request_finished`` hook, using the
-time stamps the engine records anyway. A per-app ``CollectorRegistry`` (never the global one)
+time stamps the engine records anyway (histogram values are queued and bucketed in bulk at
+scrape time, see :class:`BatchedHistogram`). A per-app ``CollectorRegistry`` (never the global one)
 lets tests and embedders build many applications in one process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from slmserve.engine import AsyncEngine
 from slmserve.hookspecs import hookimpl
@@ -121,6 +130,49 @@ class EngineCollector(Collector):
         return family
 
 
+class BatchedHistogram(Collector):
+    """A one-series Prometheus histogram whose observations are bucketed in bulk.
+
+    ``observe`` only appends; the values are counted into buckets with one numpy call when
+    Prometheus scrapes (or every ``FLUSH_EVERY`` values). prometheus-client's ``Histogram``
+    scans its buckets in Python under a lock on every call: six of those per finished request
+    cost the engine's loop ~20 us per request, this costs ~1 us. Same exposition: cumulative
+    ``_bucket{le=...}`` series, ``_count`` and ``_sum``.
+    """
+
+    FLUSH_EVERY = 8192
+
+    def __init__(self, name: str, doc: str, buckets: Sequence[float], model_name: str) -> None:
+        self.name, self.doc, self.model_name = name, doc, model_name
+        self.bounds = np.array([*buckets, math.inf])
+        self.counts = np.zeros(len(self.bounds), dtype=np.int64)
+        self.sum = 0.0
+        self.pending: list[float] = []
+
+    def observe(self, value: float) -> None:
+        self.pending.append(value)
+        if len(self.pending) >= self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = np.asarray(self.pending, dtype=np.float64)
+        self.pending = []
+        # Bucket i holds bounds[i-1] < v <= bounds[i] (Prometheus' ``le`` is inclusive).
+        index = np.searchsorted(self.bounds, values, side="left")
+        self.counts += np.bincount(index, minlength=len(self.bounds))
+        self.sum += float(values.sum())
+
+    def collect(self) -> Iterator[Metric]:
+        self.flush()
+        family = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])
+        cumulative = np.cumsum(self.counts)
+        buckets = [(floatToGoString(b), int(c)) for b, c in zip(self.bounds, cumulative)]
+        family.add_metric([self.model_name], buckets, sum_value=self.sum)
+        yield family
+
+
 class Metrics:
     """The application's registry plus the per-request series, fed by the engine's hook."""
 
@@ -132,10 +184,10 @@ class Metrics:
         reg = self.registry
         label = ["model_name"]
 
-        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
-            return Histogram(PREFIX + name, doc, label, buckets=buckets, registry=reg).labels(
-                model_name
-            )
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> BatchedHistogram:
+            histogram = BatchedHistogram(PREFIX + name, doc, buckets, model_name)
+            reg.register(histogram)
+            return histogram
 
         self._success = Counter(
             PREFIX + "request_success",

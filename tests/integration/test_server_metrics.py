@@ -93,3 +93,47 @@ async def test_hook_is_detached_when_the_app_stops(aiohttp_client: Any, demo_bac
     assert any(n.startswith("slmserve-server-metrics") for n in names())
     await client.close()
     assert not any(n.startswith("slmserve-server-metrics") for n in names())
+
+
+def test_batched_histogram_matches_prometheus_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same buckets, count and sum as prometheus-client's Histogram, boundaries included,
+    whether values are flushed at scrape time or every FLUSH_EVERY observations."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.exposition import generate_latest
+
+    from slmserve.server.metrics import TTFT_BUCKETS, BatchedHistogram
+
+    monkeypatch.setattr(BatchedHistogram, "FLUSH_EVERY", 7)
+    rng = random.Random(0)
+    values = [rng.choice(TTFT_BUCKETS) for _ in range(30)]  # exactly on a bound: le is inclusive
+    values += [rng.expovariate(5.0) for _ in range(200)] + [0.0, 1e9]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    batched = BatchedHistogram("slmserve:h", "doc", TTFT_BUCKETS, "m")
+    ours.register(batched)
+    reference = Histogram(
+        "slmserve:h", "doc", ["model_name"], buckets=TTFT_BUCKETS, registry=theirs
+    )
+    for v in values:
+        batched.observe(v)
+        reference.labels("m").observe(v)
+
+    def series(registry: CollectorRegistry) -> dict[Any, float]:
+        return {
+            k: v
+            for k, v in samples_of(generate_latest(registry).decode()).items()
+            if not k[0].endswith("_created")
+        }
+
+    assert series(ours) == pytest.approx(series(theirs))
+    assert series(ours)[("slmserve:h_count", ())] == len(values)
+
+
+def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+            out[(s.name, labels)] = s.value
+    return out
