@@ -374,6 +374,11 @@ def report(args: argparse.Namespace, runs: dict[str, list[Run]]) -> None:
     print(direct.line())
     print(http.line())
     print(f"HTTP / direct throughput: {http.rps / direct.rps:.2f}  (target >= 0.80)")
+    rounds = [h.rps / d.rps for d, h in zip(runs["direct"], runs["http"])]
+    print(
+        f"per round (each HTTP run over the direct run just before it): "
+        f"{' '.join(f'{r:.2f}' for r in rounds)}; median {statistics.median(rounds):.2f}"
+    )
     if direct.cpu and http.cpu:
         whose = "server processes" if args.server == "subprocess" else "this process, with client"
         print(
