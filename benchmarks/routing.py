@@ -21,7 +21,7 @@
     flood (its heavy rate a multiple of the replicas' capacity, measured first); ``steady``
     on request.
 
-    python benchmarks/routing.py                 # (a) and (b), ~10 min on 2 cores
+    python benchmarks/routing.py                 # (a) ~12 min and (b) ~6 min on 2 shared cores
     python benchmarks/routing.py --parts a       # simulator only
     python benchmarks/routing.py --quick         # smoke run
     python benchmarks/routing.py --parts b --b-workloads steady,flood   # (b) both workloads
