@@ -2,24 +2,29 @@
 
 Workload: ``--requests`` short prompts (about 25 tokens, new ones for every run so nothing is
 served from the prefix cache), ``max_tokens=1``, ``--concurrency`` in flight at a time (64 by
-default), on the demo model. Each request is timed from submission
-to its complete result: ``engine.submit`` + draining the stream (direct) or ``POST
-/v1/completions`` + reading the JSON body (HTTP, aiohttp client, keep-alive connections).
+default), on the demo model. Each request is timed from submission to its complete result:
+``engine.submit`` + draining the stream (direct) or ``POST /v1/completions`` + reading the
+JSON body (HTTP). Phases alternate (direct, HTTP, direct, HTTP, ...) after a warm-up, so drift
+in machine load hits both. Prints requests/s, p50 and p99 latency of each, CPU per request,
+and HTTP/direct throughput (target: at least 0.80), overall and per round.
 
 ``--server subprocess`` (default) runs ``slmserve serve`` in a child process, as deployed:
 HTTP in its front process, the engine in a process of its own (``--no-engine-process``: both
 in one process). The direct phase submits to an engine in this process. ``--server
 inprocess`` serves the app from this process, on the same engine the direct phase uses (one
 process, one interpreter lock for client, HTTP and engine).
-Phases alternate (direct, HTTP, direct, HTTP, ...) after a warm-up, so drift in machine load
-hits both. Prints requests/s, p50 and p99 latency of each, and HTTP/direct throughput (target:
-at least 0.80).
+
+The HTTP load generator is, by default, a minimal keep-alive HTTP/1.1 client (``--client
+raw``, ~30 us of CPU per request, like ``wrk``); aiohttp's client (``--client aiohttp``)
+costs ~130 us, which on a 2-core host comes out of the server's share. ``--engine-cpus auto``
+(default, with an engine process) starts the server with ``--engine-cpus`` set to the last
+CPU and keeps this process off it while it drives HTTP; the direct phase may use every CPU.
 
     python benchmarks/http_api.py --torch-threads 1
     python benchmarks/http_api.py --torch-threads 1 --no-engine-process
+    python benchmarks/http_api.py --torch-threads 1 --engine-cpus none --client aiohttp
     python benchmarks/http_api.py --server inprocess
     python benchmarks/http_api.py --backend null       # no model: the framework's own ceiling
-    python benchmarks/http_api.py --torch-threads 1    # on small hosts: leave a core to the loop
 
 On a host with few cores, torch's default of one intra-op thread per core competes with the
 event loop (and, in-process, the client) and its OpenMP threads spin while they wait: the demo
@@ -288,22 +293,32 @@ async def inprocess_server(engine: Engine) -> AsyncIterator[str]:
         await runner.cleanup()  # stops the engine
 
 
-def pin(args: argparse.Namespace) -> None:
-    """Resolve ``--engine-cpus`` and move this process off those CPUs (see the flag's help)."""
+def client_cpus(args: argparse.Namespace) -> set[int] | None:
+    """Resolve ``--engine-cpus``; the CPUs this process keeps while it drives HTTP (the
+    others belong to the server's engine process), or ``None`` when nothing is pinned."""
     usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     pinned = args.server == "subprocess" and args.engine_process and len(usable) >= 2
     if args.engine_cpus == "none" or not pinned:
         args.engine_cpus = None
-        return
+        return None
     if args.engine_cpus == "auto":
         args.engine_cpus = str(usable[-1])
     from slmserve.server.config import parse_cpus
 
-    os.sched_setaffinity(0, set(usable) - parse_cpus(args.engine_cpus))
+    return set(usable) - parse_cpus(args.engine_cpus)
+
+
+def set_affinity(cpus: set[int] | None) -> None:
+    """Every thread of this process (the direct engine's model thread too) onto ``cpus``."""
+    if cpus is None:
+        return
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(task), cpus)
 
 
 async def main(args: argparse.Namespace) -> None:
-    pin(args)
+    all_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    http_cpus = client_cpus(args)
     if args.torch_threads:
         import torch
 
@@ -335,15 +350,19 @@ async def main(args: argparse.Namespace) -> None:
                 RawClient(url, args.concurrency) as raw,
             ):
                 http = http_caller(session, url) if args.client == "aiohttp" else raw.caller()
+                # The direct engine may use every CPU; the HTTP client stays off the
+                # engine process's ones.
                 phases = [
-                    ("direct", direct_caller(engine), own_cpu, engine_steps(engine)),
-                    ("http", http, http_cpu, scraped_steps(session, url)),
+                    ("direct", direct_caller(engine), own_cpu, engine_steps(engine), all_cpus),
+                    ("http", http, http_cpu, scraped_steps(session, url), http_cpus),
                 ]
-                for _, call, cpu, steps in phases:
+                for _, call, cpu, steps, cpus in phases:
+                    set_affinity(cpus)
                     limits = (args.concurrency, cpu, steps)
                     await drive("warm-up", call, fresh(4 * args.concurrency), *limits)
                 for _ in range(args.rounds):
-                    for name, call, cpu, steps in phases:
+                    for name, call, cpu, steps, cpus in phases:
+                        set_affinity(cpus)
                         limits = (args.concurrency, cpu, steps)
                         run = await drive(name, call, fresh(args.requests), *limits)
                         runs[name].append(run)
