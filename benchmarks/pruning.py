@@ -9,15 +9,16 @@ held-out (5%) parts. The trained model is cached under ``benchmarks/out/pruning/
 git), so a re-run skips training.
 
 Then, for 25%, 40% and 50% of the MLP neurons removed (and once 40% plus half the KV groups),
-every method prunes a fresh copy with the same calibration windows: ``magnitude``,
-``magnitude-refit``, ``wanda``, ``osscar`` (greedy) and ``osscar`` + local search. Reported per
-run: held-out perplexity, mean per-layer relative reconstruction error on held-out tokens
-(MLP and attention separately) and the parameter count. Then a short retraining of the 40%
-OSSCAR model (and, for fairness, the same number of extra steps for the dense model), and the
-engine's generation throughput for the dense and the packed pruned models on the same requests
-in the same run.
+every method prunes a fresh copy with the same 512 calibration windows of 128 tokens:
+``magnitude``, ``magnitude-refit``, ``wanda``, ``osscar`` (greedy) and ``osscar`` + local
+search. Reported per run: held-out perplexity on 512 windows (65K tokens), its paired
+difference to magnitude + refit with a standard error over windows, mean per-layer relative
+reconstruction error on 128 held-out windows (MLP and attention separately) and the parameter
+count. Then a short retraining of the 40% MLP + half-KV OSSCAR+LS model (and, for fairness,
+the same number of extra steps for the dense model; cached), and the engine's generation
+throughput for the dense and the packed pruned models on the same requests in the same run.
 
-    nice -n 10 python benchmarks/pruning.py    # ~15 min on 2 idle cores (est.); 39 min shared
+    nice -n 10 python benchmarks/pruning.py  # ~7 min with the dense model cached; +8 to train
     nice -n 10 python benchmarks/pruning.py --train-steps 100 --retrain-steps 0 --skip-throughput
 
 Writes ``results.json`` and ``results.md`` next to the cached model.
@@ -392,7 +393,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=512)
     ap.add_argument(
         "--error-windows", type=int, default=128, help="held-out windows for the errors (0: all)"
