@@ -12,7 +12,7 @@ import signal
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_text import parse_samples
 
 from slmserve import EngineConfig, SamplingParams
 from slmserve.engine import AsyncEngine, EngineClosedError, QueueFullError, collect
@@ -26,16 +26,6 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
 PROMPTS = ["The cat", "A longer prompt about engines and processes", "x"]
 LABELS = [5, 6]
-
-
-def samples(text: bytes | str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = text.decode() if isinstance(text, bytes) else text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
-            out[(s.name, labels)] = s.value
-    return out
 
 
 async def until(predicate: Any, timeout: float = 30.0) -> None:
@@ -77,7 +67,7 @@ async def test_same_results_errors_aborts_and_drain_as_in_process(demo_backend: 
         remote.abort(stream.request_id)
         last = [out async for out in stream][-1]
         assert last.finish_reason == "abort"
-        metrics = samples(await remote.metrics_text())
+        metrics = parse_samples(await remote.metrics_text())
         assert metrics[("slmserve:request_success_total", (("finished_reason", "abort"),))] == 1
         assert metrics[("slmserve:num_requests_running", ())] == 0
 
@@ -124,11 +114,11 @@ async def test_server_over_a_child_and_a_child_that_dies(aiohttp_client: Any) ->
     resp.close()
 
     async def aborted() -> bool:
-        m = samples(await (await client.get("/metrics")).text())
+        m = parse_samples(await (await client.get("/metrics")).text())
         return m.get(("slmserve:request_success_total", (("finished_reason", "abort"),))) == 1
 
     await until(aborted)
-    m = samples(await (await client.get("/metrics")).text())
+    m = parse_samples(await (await client.get("/metrics")).text())
     assert m[("slmserve:request_success_total", (("finished_reason", "length"),))] == 1
     assert m[("slmserve:num_requests_running", ())] == 0
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_text import Samples, parse_samples
 
 from slmserve import Engine, EngineConfig
 from slmserve.plugins import PluginManager
@@ -26,15 +26,10 @@ def new_app(backend: Any, **engine: Any) -> Any:
     return create_app(Engine(config, backend=backend))
 
 
-async def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def scrape(client: TestClient) -> Samples:
     resp = await client.get("/metrics")
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(await resp.text()):
-        for s in family.samples:
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
-            samples[(s.name, labels)] = s.value
-    return samples
+    return parse_samples(await resp.text())
 
 
 async def test_metrics_after_traffic(aiohttp_client: Any, demo_backend: Any) -> None:
@@ -122,18 +117,9 @@ def test_batched_histogram_matches_prometheus_client(monkeypatch: pytest.MonkeyP
     def series(registry: CollectorRegistry) -> dict[Any, float]:
         return {
             k: v
-            for k, v in samples_of(generate_latest(registry).decode()).items()
+            for k, v in parse_samples(generate_latest(registry)).items()
             if not k[0].endswith("_created")
         }
 
     assert series(ours) == pytest.approx(series(theirs))
     assert series(ours)[("slmserve:h_count", ())] == len(values)
-
-
-def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
-            out[(s.name, labels)] = s.value
-    return out
