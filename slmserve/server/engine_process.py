@@ -517,6 +517,8 @@ async def serve_engine(sock: socket.socket) -> None:
                 timeout = frame.shutdown
                 break
         await engine.shutdown(timeout)
+        if tasks:  # score calls whose requests the drain just finished: let them reply
+            await asyncio.wait(tasks, timeout=5.0)
         for task in list(tasks):
             task.cancel()
         metrics.detach()
