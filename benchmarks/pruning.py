@@ -18,7 +18,7 @@ count. Then a short retraining of the 40% MLP + half-KV OSSCAR+LS model (and, fo
 the same number of extra steps for the dense model; cached), and the engine's generation
 throughput for the dense and the packed pruned models on the same requests in the same run.
 
-    nice -n 10 python benchmarks/pruning.py  # ~7 min with the dense model cached; +8 to train
+    nice -n 10 python benchmarks/pruning.py  # ~6 min with the dense model cached; +23 to train
     nice -n 10 python benchmarks/pruning.py --train-steps 100 --retrain-steps 0 --skip-throughput
 
 Writes ``results.json`` and ``results.md`` next to the cached model.
@@ -388,7 +388,7 @@ def retrain(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--train-steps", type=int, default=1000)
+    ap.add_argument("--train-steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
