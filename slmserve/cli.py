@@ -235,7 +235,7 @@ def cmd_serve(args: argparse.Namespace, plugins: PluginManager) -> int:
             "engine_cpus": args.engine_cpus,
         },
     )
-    engine: AsyncEngine | ProcessEngine = AsyncEngine(config, plugins=plugins)
+    engine: AsyncEngine | ProcessEngine
     if args.engine_process:
         name = server.served_model_name or config.model or "demo"
         cpus = parse_cpus(server.engine_cpus) if server.engine_cpus else None
@@ -244,6 +244,8 @@ def cmd_serve(args: argparse.Namespace, plugins: PluginManager) -> int:
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - cpus)  # the front
     elif server.engine_cpus:
         raise CLIError("--engine-cpus needs the engine process (drop --no-engine-process)")
+    else:
+        engine = AsyncEngine(config, plugins=plugins)
     try:
         return serve(engine, server, loop=args.loop)
     except StartupError as exc:

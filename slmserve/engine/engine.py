@@ -453,20 +453,8 @@ class AsyncEngine:
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         assert self.backend is not None
-        if isinstance(prompt, str):
-            tok = self.backend.tokenizer
-            fast = getattr(tok, "backend_tokenizer", None)  # skip the Python wrapper's overhead
-            if fast is not None:
-                ids = fast.encode(prompt, add_special_tokens=False).ids
-            else:
-                ids = list(tok.encode(prompt, add_special_tokens=False))
-        else:
-            ids = [int(t) for t in prompt]
-            self._check_ids(ids, what="prompt")
-        if not ids:
-            raise ValueError("prompt is empty")
-        self._check_length(ids, what="prompt")
-        return ids
+        info = self.backend.info
+        return prompt_token_ids(prompt, self.backend.tokenizer, info.vocab_size, self.max_model_len)
 
     def _check_ids(self, ids: list[int], *, what: str) -> None:
         assert self.backend is not None
@@ -692,6 +680,27 @@ class AsyncEngine:
         for result in getattr(self.plugins.hook, name)(**kwargs):
             if inspect.isawaitable(result):
                 await result
+
+
+def prompt_token_ids(
+    prompt: str | Sequence[int], tokenizer: Any, vocab: int, max_model_len: int
+) -> list[int]:
+    """A prompt as token ids the engine can serve: text is tokenized (no special tokens, through
+    the Rust tokenizer directly when there is one: the Python wrapper costs more than the
+    encoding), ids are checked against the vocabulary; ``ValueError`` if empty or too long."""
+    if isinstance(prompt, str):
+        fast = getattr(tokenizer, "backend_tokenizer", None)
+        if fast is not None:
+            ids = fast.encode(prompt, add_special_tokens=False).ids
+        else:
+            ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    else:
+        ids = [int(t) for t in prompt]
+        check_token_ids(ids, vocab, what="prompt")
+    if not ids:
+        raise ValueError("prompt is empty")
+    check_prompt_length(ids, max_model_len, what="prompt")
+    return ids
 
 
 def check_token_ids(ids: Sequence[int], vocab: int, *, what: str) -> None:

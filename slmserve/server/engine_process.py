@@ -38,7 +38,7 @@ import msgspec
 
 from slmserve.config import EngineConfig
 from slmserve.engine import AsyncEngine, EngineClosedError, QueueFullError, RequestStream
-from slmserve.engine.engine import check_prompt_length, check_token_ids
+from slmserve.engine.engine import prompt_token_ids
 from slmserve.interfaces import ModelInfo
 from slmserve.plugins import PluginManager
 from slmserve.types import RequestOutput, SamplingParams, ScoreResult
@@ -338,14 +338,8 @@ class ProcessEngine:
                 f"{len(self._streams)} requests are in flight, the limit is {bound} "
                 f"(max_waiting_requests + max_running_requests); retry later"
             )
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        else:
-            ids = [int(t) for t in prompt]
-            check_token_ids(ids, self.backend.info.vocab_size, what="prompt")
-        if not ids:
-            raise ValueError("prompt is empty")
-        check_prompt_length(ids, self._max_model_len, what="prompt")
+        vocab = self.backend.info.vocab_size
+        ids = prompt_token_ids(prompt, self.backend.tokenizer, vocab, self._max_model_len)
         rid = request_id or f"req-{next(self._request_ids)}"
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already in use")
