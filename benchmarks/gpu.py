@@ -8,36 +8,55 @@ nothing is downloaded):
 * ``osscar``: the same with MLP 1536 and 4 KV heads (the OSSCAR-pruned size).
 
 Scoring: each request is one fresh 200-token query (the shared prefix) and 10 fresh items of
-300 tokens; requests arrive as a Poisson process at a swept offered load. Per load: achieved
-items/s and the P50/P99 request latency. The headline is the best items/s with P99 < 500 ms.
-The compute ceiling counts the FLOPs of an item's tokens (2 per weight, plus attention over
-the query and the item) at this card's measured bf16 matmul rate; MFU = achieved / ceiling.
+300 tokens. Per system, after a warm-up:
+
+1. capacity probe, closed loop: bursts of requests submitted at once, growing until one burst
+   lasts ``--probe-seconds``; that burst's items/s is the system's capacity;
+2. offered load: Poisson arrivals at fixed fractions of that capacity (``--fractions``,
+   ``--duration`` seconds of arrivals each), stopping at the first level whose P99 request
+   latency reaches 500 ms. Per level: achieved items/s (all items over first arrival to last
+   reply) and P50/P99 latency.
+
+The headline is the best achieved items/s with P99 < 500 ms. Every request of every phase is
+fresh (its own seed), so no prefix is ever cached across requests. The compute ceiling counts
+the FLOPs of an item's tokens (2 per weight, plus attention over the query and the item) at
+this card's measured bf16 matmul rate; MFU = headline / ceiling. The warm-up requests are the
+same for both systems, and the table reports the largest difference of their label
+probabilities (a check that the fast path computes what transformers computes; bf16 on both
+sides, so expect ~1e-2, not 0).
 
 Generation: 64 and 256 concurrent requests (128-token prompts, 256 output tokens, greedy,
 EOS ignored), output tokens/s.
 
 Baseline, same GPU, same requests, same run: transformers with sdpa attention. For scoring it
-serves the same arrival process with dynamic batching (every waiting request's
-``[query + item]`` rows, left-padded, ``logits_to_keep=1``); for generation ``generate`` on the
-whole batch.
+serves the same arrivals with dynamic batching (every waiting request's ``[query + item]`` rows,
+up to ``--hf-batch`` rows, left-padded, ``logits_to_keep=1``); for generation ``generate`` on
+the whole batch. Each system loads the model once and runs scoring, then generation.
 
-    python benchmarks/gpu.py                 # on a CUDA machine (~10-15 min)
-    python benchmarks/gpu.py --models qwen3-0.6b --duration 5
+Every phase prints its wall time (``[  12.3 s] phase``), so a GPU session can see where its
+lease goes; after each model but the last the table so far is printed, so a run cut short
+still leaves figures.
+
+    python benchmarks/gpu.py                 # on a CUDA machine (~5 min on an H200)
+    python benchmarks/gpu.py --models qwen3-0.6b
     python benchmarks/gpu.py --smoke         # tiny shapes on the CPU, a few seconds (CI)
 
-See docs/benchmarks.md for carrying the few missing wheels to a GPU box (gpu_wheels.sh).
+benchmarks/gpu_check.sh runs it on the GPU machine; docs/benchmarks.md has the commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
+import math
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +94,32 @@ SMOKE = {
 }
 LABELS = (9, 10)
 P99_BOUND = 0.5
+# Seeds of the request sets: each phase draws its own, so no request repeats another's tokens.
+WARMUP_SEED, PROBE_SEED, LEVEL_SEED = 0, 100, 1000
 
 Request = tuple[list[int], list[list[int]]]
+Scorer = Callable[[Request], Awaitable[list[float]]]
 
 
 # ------------------------------------------------------------------------------ setup
+
+
+class Phases:
+    """Wall time per phase, printed as each ends: the GPU lease is short, and the next session
+    must know which phase to shorten."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.times[name] = self.times.get(name, 0.0) + elapsed
+            print(f"  [{elapsed:6.1f} s] {name}", flush=True)
 
 
 def build_model(path: Path, shape: dict[str, Any], device: str, seed: int) -> None:
@@ -96,10 +136,11 @@ def build_model(path: Path, shape: dict[str, Any], device: str, seed: int) -> No
 
 
 def matmul_rate(device: str, dtype: torch.dtype) -> float:
-    """FLOP/s of a large matmul in ``dtype`` on ``device`` (best of 10)."""
+    """FLOP/s of a large matmul in ``dtype`` on ``device`` (best of 10, after a warm-up)."""
     n = 8192 if device == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
     best = float("inf")
     for _ in range(10):
         sync(device)
@@ -143,9 +184,36 @@ def make_requests(n: int, args: argparse.Namespace, vocab: int, seed: int) -> li
     ]
 
 
-# ------------------------------------------------------------------------------ load sweep
+# ------------------------------------------------------------------------------ scoring
 
-Scorer = Callable[[Request], Awaitable[list[float]]]
+
+@dataclass
+class Scoring:
+    """One system's scoring figures."""
+
+    capacity: float = 0.0  # closed-loop burst items/s
+    best: float = 0.0  # best achieved items/s with P99 < bound
+    levels: list[tuple[float, float, float, float]] = field(default_factory=list)
+    warmup_scores: list[list[float]] = field(default_factory=list)
+
+
+async def probe(name: str, score: Scorer, args: argparse.Namespace, vocab: int) -> float:
+    """Closed-loop capacity: bursts submitted at once, grown until one lasts
+    ``--probe-seconds`` (or reaches ``--probe-max`` requests); that burst's items/s."""
+    n, seed = args.probe_start, PROBE_SEED
+    while True:
+        reqs = make_requests(n, args, vocab, seed)
+        start = time.perf_counter()
+        await asyncio.gather(*(score(r) for r in reqs))
+        elapsed = time.perf_counter() - start
+        rate = n * args.items / elapsed
+        print(f"  {name:14s} burst {n:6d} requests  {rate:8.0f} items/s  "
+              f"in {elapsed:5.2f} s", flush=True)  # fmt: skip
+        if elapsed >= args.probe_seconds or n >= args.probe_max:
+            return rate
+        # Aim past the target: small bursts under-fill the batches, so they run slower.
+        n = min(args.probe_max, max(2 * n, math.ceil(1.3 * n * args.probe_seconds / elapsed)))
+        seed += 1
 
 
 async def offered_load(
@@ -175,51 +243,92 @@ async def offered_load(
 
 
 async def sweep(
-    name: str, score: Scorer, args: argparse.Namespace, vocab: int
+    name: str, score: Scorer, args: argparse.Namespace, vocab: int, capacity: float
 ) -> tuple[float, list[tuple[float, float, float, float]]]:
-    """Raise the offered load until P99 passes the bound or throughput stops following."""
-    # Warm-up: compiles the kernels for the shapes a loaded step sees.
-    await asyncio.gather(*(score(r) for r in make_requests(4, args, vocab, 0)))
-    rows, best, offered = [], 0.0, args.start_rate
-    for level in range(args.levels):
-        n = max(2, int(offered * args.duration / args.items))
-        reqs = make_requests(n, args, vocab, 1000 * level + 1)
+    """Offered loads at fractions of ``capacity`` until P99 reaches the bound; returns the best
+    achieved items/s under the bound and every level's (offered, achieved, P50, P99)."""
+    rows, best = [], 0.0
+    for level, fraction in enumerate(args.fractions):
+        offered = fraction * capacity
+        n = max(args.min_requests, round(offered * args.duration / args.items))
+        reqs = make_requests(n, args, vocab, LEVEL_SEED + level)
         achieved, p50, p99 = await offered_load(score, reqs, offered, level)
         rows.append((offered, achieved, p50, p99))
-        print(f"  {name:14s} offered {offered:8.0f}  achieved {achieved:8.0f} items/s  "
-              f"p50 {p50 * 1e3:7.1f} ms  p99 {p99 * 1e3:7.1f} ms", flush=True)  # fmt: skip
-        if p99 < P99_BOUND:
-            best = max(best, achieved)
-        if p99 >= P99_BOUND or achieved < 0.8 * offered:
+        print(f"  {name:14s} offered {offered:8.0f} ({fraction:4.2f})  achieved {achieved:8.0f} "
+              f"items/s  p50 {p50 * 1e3:7.1f} ms  p99 {p99 * 1e3:7.1f} ms", flush=True)  # fmt: skip
+        if p99 >= P99_BOUND:
             break
-        offered *= args.step
+        best = max(best, achieved)
     return best, rows
 
 
-def engine_config(path: Path, args: argparse.Namespace, **changes: Any) -> EngineConfig:
-    base = {
-        "model": str(path),
-        "device": args.device,
-        "dtype": args.dtype,
-        "kv_tokens": args.kv_tokens,
-        "max_batch_tokens": args.max_batch_tokens,
-        "chunked_prefill_size": args.max_batch_tokens,
-        "max_running_requests": 256,
-        "max_waiting_requests": 1 << 16,
-        "cuda_graphs": not args.no_cuda_graphs,
-    }
-    return EngineConfig(**{**base, **changes})
+async def measure_scoring(
+    name: str, score: Scorer, args: argparse.Namespace, vocab: int, phases: Phases
+) -> Scoring:
+    """Warm-up (compiles kernels, fills allocator caches), capacity probe, offered-load sweep."""
+    out = Scoring()
+    with phases(f"{name} scoring warm-up"):
+        warm = make_requests(args.warmup, args, vocab, WARMUP_SEED)
+        out.warmup_scores = list(await asyncio.gather(*(score(r) for r in warm)))
+    with phases(f"{name} capacity probe"):
+        out.capacity = await probe(name, score, args, vocab)
+    with phases(f"{name} load sweep"):
+        out.best, out.levels = await sweep(name, score, args, vocab, out.capacity)
+    return out
 
 
-async def engine_scoring(path: Path, args: argparse.Namespace, vocab: int) -> float:
-    async with Engine(engine_config(path, args)) as engine:
+# ------------------------------------------------------------------------------ generation
+
+
+def gen_workload(n: int, args: argparse.Namespace, vocab: int) -> list[list[int]]:
+    rng = random.Random(n)
+    return [[rng.randrange(11, vocab) for _ in range(args.prompt_tokens)] for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------ systems
+
+
+def engine_config(path: Path, args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=str(path),
+        device=args.device,
+        dtype=args.dtype,
+        kv_tokens=args.kv_tokens,
+        max_batch_tokens=args.max_batch_tokens,
+        chunked_prefill_size=args.max_batch_tokens,
+        max_running_requests=max(256, *args.concurrency),
+        max_waiting_requests=1 << 16,
+        cuda_graphs=not args.no_cuda_graphs,
+    )
+
+
+async def run_engine(
+    path: Path, args: argparse.Namespace, vocab: int, phases: Phases
+) -> tuple[Scoring, dict[int, float]]:
+    """slmserve: one engine (model load and CUDA-graph capture once) for scoring, then
+    generation."""
+    async with contextlib.AsyncExitStack() as stack:
+        with phases("slmserve load + CUDA graphs"):
+            engine = await stack.enter_async_context(Engine(engine_config(path, args)))
 
         async def score(req: Request) -> list[float]:
             result = await engine.score(req[0], req[1], label_token_ids=LABELS)
             return [s[0] for s in result.scores]
 
-        best, _ = await sweep("slmserve", score, args, vocab)
-        return best
+        scoring = await measure_scoring("slmserve", score, args, vocab, phases)
+        params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
+        gen = {}
+        with phases("slmserve generation"):
+            await collect(engine.submit(gen_workload(1, args, vocab)[0], params))  # warm-up
+            for n in args.concurrency:
+                prompts = gen_workload(n, args, vocab)
+                start = time.perf_counter()
+                results = await asyncio.gather(
+                    *(collect(engine.submit(p, params)) for p in prompts)
+                )
+                elapsed = time.perf_counter() - start
+                gen[n] = sum(len(r.token_ids) for r in results) / elapsed
+    return scoring, gen
 
 
 def load_hf(path: Path, args: argparse.Namespace) -> Any:
@@ -230,10 +339,9 @@ def load_hf(path: Path, args: argparse.Namespace) -> Any:
     return model.to(args.device).eval()
 
 
-async def hf_scoring(path: Path, args: argparse.Namespace, vocab: int) -> float:
+async def hf_scoring(model: Any, args: argparse.Namespace, vocab: int, phases: Phases) -> Scoring:
     """transformers behind a dynamic batcher: each forward takes every waiting request (up to
     ``--hf-batch`` rows) as left-padded ``[query + item]`` rows, last position only."""
-    model = load_hf(path, args)
     queue: asyncio.Queue[tuple[Request, asyncio.Future[list[float]]]] = asyncio.Queue()
 
     def forward(rows: list[list[int]]) -> list[float]:
@@ -269,48 +377,24 @@ async def hf_scoring(path: Path, args: argparse.Namespace, vocab: int) -> float:
 
     task = asyncio.create_task(server())
     try:
-        best, _ = await sweep("transformers", score, args, vocab)
+        return await measure_scoring("transformers", score, args, vocab, phases)
     finally:
         task.cancel()
-    return best
 
 
-# ------------------------------------------------------------------------------ generation
-
-
-def gen_workload(n: int, args: argparse.Namespace, vocab: int) -> list[list[int]]:
-    rng = random.Random(n)
-    return [[rng.randrange(11, vocab) for _ in range(args.prompt_tokens)] for _ in range(n)]
-
-
-async def engine_generation(path: Path, args: argparse.Namespace, vocab: int) -> dict[int, float]:
-    params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
-    out = {}
-    config = engine_config(path, args, max_running_requests=max(args.concurrency))
-    async with Engine(config) as engine:
-        await collect(engine.submit(gen_workload(1, args, vocab)[0], params))  # warm-up
-        for n in args.concurrency:
-            prompts = gen_workload(n, args, vocab)
-            start = time.perf_counter()
-            results = await asyncio.gather(*(collect(engine.submit(p, params)) for p in prompts))
-            elapsed = time.perf_counter() - start
-            out[n] = sum(len(r.token_ids) for r in results) / elapsed
-    return out
-
-
-def hf_generation(path: Path, args: argparse.Namespace, vocab: int) -> dict[int, float]:
-    model = load_hf(path, args)
+def hf_generation(model: Any, args: argparse.Namespace, vocab: int) -> dict[int, float]:
     out = {}
     with torch.inference_mode():
-        for n in [1, *args.concurrency]:  # the first run warms up
+        for n in [1, *args.concurrency]:  # the first, short run warms up
             ids = torch.tensor(gen_workload(n, args, vocab), device=args.device)
+            new = args.output_tokens if n > 1 else min(8, args.output_tokens)
             sync(args.device)
             start = time.perf_counter()
             gen = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                max_new_tokens=args.output_tokens,
-                min_new_tokens=args.output_tokens,
+                max_new_tokens=new,
+                min_new_tokens=new,
                 do_sample=False,
                 eos_token_id=None,
                 pad_token_id=0,
@@ -320,32 +404,50 @@ def hf_generation(path: Path, args: argparse.Namespace, vocab: int) -> dict[int,
     return out
 
 
+def run_hf(
+    path: Path, args: argparse.Namespace, vocab: int, phases: Phases
+) -> tuple[Scoring, dict[int, float]]:
+    """transformers: one model load for scoring, then generation."""
+    with phases("transformers load"):
+        model = load_hf(path, args)
+    scoring = asyncio.run(hf_scoring(model, args, vocab, phases))
+    with phases("transformers generation"):
+        gen = hf_generation(model, args, vocab)
+    del model
+    return scoring, gen
+
+
 # ------------------------------------------------------------------------------ main
 
 
 def run_model(name: str, shape: dict[str, Any], args: argparse.Namespace, rate: float) -> dict:
     vocab = shape["vocab_size"]
+    phases = Phases()
+    print(f"\n== {name}: scoring (P99 bound {P99_BOUND * 1e3:.0f} ms), then generation",
+          flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
-        build_model(path, shape, args.device, args.seed)
-        print(f"\n== {name}: scoring sweep (P99 bound {P99_BOUND * 1e3:.0f} ms)", flush=True)
-        ours = asyncio.run(engine_scoring(path, args, vocab))
+        with phases("build model"):
+            build_model(path, shape, args.device, args.seed)
+        ours, gen_ours = asyncio.run(run_engine(path, args, vocab, phases))
         release(args.device)
-        theirs = asyncio.run(hf_scoring(path, args, vocab))
+        theirs, gen_theirs = run_hf(path, args, vocab, phases)
         release(args.device)
-        print(f"== {name}: generation", flush=True)
-        gen_ours = asyncio.run(engine_generation(path, args, vocab))
-        release(args.device)
-        gen_theirs = hf_generation(path, args, vocab)
-        release(args.device)
-    ceiling = rate / item_flops(shape, args.item_tokens, args.query_tokens)
+    total = sum(phases.times.values())
+    print(f"  [{total:6.1f} s] {name} in all", flush=True)
+    diff = max(
+        (abs(a - b) for x, y in zip(ours.warmup_scores, theirs.warmup_scores)
+         for a, b in zip(x, y)),
+        default=float("nan"),
+    )  # fmt: skip
     return {
         "name": name,
         "ours": ours,
         "theirs": theirs,
-        "ceiling": ceiling,
+        "ceiling": rate / item_flops(shape, args.item_tokens, args.query_tokens),
         "gen_ours": gen_ours,
         "gen_theirs": gen_theirs,
+        "diff": diff,
     }
 
 
@@ -358,15 +460,22 @@ def print_table(results: list[dict], args: argparse.Namespace, rate: float) -> N
     print(f"\n## {device}, {args.dtype}, matmul {rate / 1e12:.2f} TFLOP/s measured")
     print(
         f"scoring: {args.items} items x {args.item_tokens} tokens per request, "
-        f"{args.query_tokens}-token shared query; items/s at P99 < {P99_BOUND * 1e3:.0f} ms\n"
+        f"{args.query_tokens}-token shared query; items/s at P99 < {P99_BOUND * 1e3:.0f} ms "
+        f"(Poisson load at {', '.join(f'{f:g}' for f in args.fractions)} x burst capacity, "
+        f"{args.duration:g} s each); burst = closed-loop capacity; max dp = largest "
+        "label-probability difference on the warm-up requests\n"
     )
-    print("| model | slmserve items/s | transformers items/s | ratio | ceiling items/s | MFU |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | slmserve items/s | transformers items/s | ratio | slmserve burst "
+        "| transformers burst | ceiling items/s | MFU | max dp |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        mfu = r["ours"] / r["ceiling"]
+        ours, theirs = r["ours"], r["theirs"]
         print(
-            f"| {r['name']} | {r['ours']:.0f} | {r['theirs']:.0f} | "
-            f"{ratio(r['ours'], r['theirs'])} | {r['ceiling']:.0f} | {mfu:.0%} |"
+            f"| {r['name']} | {ours.best:.0f} | {theirs.best:.0f} | "
+            f"{ratio(ours.best, theirs.best)} | {ours.capacity:.0f} | {theirs.capacity:.0f} | "
+            f"{r['ceiling']:.0f} | {ours.best / r['ceiling']:.0%} | {r['diff']:.4f} |"
         )
     print("\ngeneration: output tokens/s (greedy, "
           f"{args.prompt_tokens}-token prompts, {args.output_tokens} output tokens)\n")  # fmt: skip
@@ -385,10 +494,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--items", type=int, default=10, help="items per scoring request")
     ap.add_argument("--item-tokens", type=int, default=300)
     ap.add_argument("--query-tokens", type=int, default=200)
-    ap.add_argument("--start-rate", type=float, default=250.0, help="first offered items/s")
-    ap.add_argument("--step", type=float, default=1.3, help="offered-load multiplier per level")
-    ap.add_argument("--levels", type=int, default=12, help="most load levels per system")
-    ap.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per level")
+    ap.add_argument("--warmup", type=int, default=16, help="scoring warm-up requests")
+    ap.add_argument("--probe-start", type=int, default=16, help="first burst, requests")
+    ap.add_argument("--probe-seconds", type=float, default=2.5, help="shortest measured burst")
+    ap.add_argument("--probe-max", type=int, default=4096, help="largest burst, requests")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.7, 0.85, 1.0],
+                    help="offered loads, as fractions of the burst capacity")  # fmt: skip
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds of arrivals per level")
+    ap.add_argument("--min-requests", type=int, default=20, help="fewest requests per level")
     ap.add_argument("--hf-batch", type=int, default=128, help="baseline rows per forward")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -402,7 +515,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.device, args.dtype = "cpu", "float32"
         args.items, args.item_tokens, args.query_tokens = 3, 12, 8
-        args.start_rate, args.levels, args.duration = 40.0, 2, 0.5
+        args.warmup, args.probe_start, args.probe_seconds = 2, 4, 0.2
+        args.duration, args.min_requests = 0.3, 4
         args.hf_batch, args.concurrency = 16, [2, 4]
         args.prompt_tokens, args.output_tokens = 8, 4
         args.kv_tokens, args.max_batch_tokens = 4096, 512
@@ -413,11 +527,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    begin = time.perf_counter()
     rate = matmul_rate(args.device, getattr(torch, args.dtype))
+    print(f"matmul rate {rate / 1e12:.2f} TFLOP/s ({time.perf_counter() - begin:.1f} s)")
     models = {"smoke": SMOKE} if args.smoke else {m: MODELS[m] for m in args.models}
-    results = [run_model(name, shape, args, rate) for name, shape in models.items()]
+    results = []
+    for i, (name, shape) in enumerate(models.items()):
+        results.append(run_model(name, shape, args, rate))
+        if i + 1 < len(models):
+            print_table(results, args, rate)  # figures so far, in case the run is cut short
     print_table(results, args, rate)
+    print(f"\nwall time {time.perf_counter() - begin:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,29 +1,30 @@
 #!/usr/bin/env bash
-# Download the wheels slmserve (and its tests) need that a CUDA box with torch, triton and
-# transformers already installed usually lacks, for Linux x86_64, CPython 3.11 and 3.12.
-# Run on a machine with internet; carry the folder and the checkout to the GPU box; there:
+# Download the wheels the GPU machine lacks, so the GPU check (benchmarks/gpu_check.sh) can run
+# there without a network. That machine (CPython 3.12, Linux x86_64) already has torch, triton,
+# transformers, tokenizers, safetensors, numpy, aiohttp, pluggy, prometheus-client, uvloop,
+# tqdm, pytest and hypothesis; it lacks only these three, none of which needs anything more
+# that it lacks (msgspec needs nothing; pytest-asyncio needs pytest>=8.4 and, below Python
+# 3.13, typing-extensions; pytest-aiohttp needs pytest, aiohttp and pytest-asyncio).
 #
-#   pip install --no-index --find-links wheels/ msgspec pluggy aiohttp prometheus-client uvloop
-#   pip install --no-index --find-links wheels/ pytest pytest-asyncio pytest-aiohttp hypothesis
-#   python benchmarks/gpu.py                      # the benchmark (runs from the checkout)
-#   python -m pytest tests/unit/test_kernels_attention.py tests/unit/test_kernels_cuda_graphs.py \
-#       tests/unit/test_decoder.py tests/integration/test_engine_parity.py
+# Exact versions, one each: two versions of one package in the folder break the install there.
+# pytest-asyncio 1.5 is the one our development environment runs (pyproject: >=1.0) and
+# supports pytest 9.
 #
-# Usage: benchmarks/gpu_wheels.sh [DEST]   (default: wheels/)
+# Usage (here, with internet):  bash benchmarks/gpu_wheels.sh [DEST]      (default: .whl)
+# Then name DEST in the device run's `carry`; gpu_check.sh installs it with pip --no-index.
 set -euo pipefail
 
-DEST=${1:-wheels}
-RUNTIME=(msgspec pluggy aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache
-         yarl idna typing-extensions prometheus-client uvloop tqdm)
-TESTS=(pytest pytest-asyncio pytest-aiohttp hypothesis sortedcontainers iniconfig packaging
-       pygments)
+DEST=${1:-.whl}
+PYTHON=${PYTHON:-python3}
+WHEELS=(msgspec==0.23.0 pytest-asyncio==1.5.0 pytest-aiohttp==1.1.1)
 
 mkdir -p "$DEST"
-for py in 311 312; do
-    python -m pip download --quiet --dest "$DEST" --no-deps --only-binary=:all: \
-        --implementation cp --python-version "$py" \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 \
-        "${RUNTIME[@]}" "${TESTS[@]}"
-done
-ls "$DEST"
+rm -f "$DEST"/*.whl  # only the wheels named here, one version each
+"$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --dest "$DEST" \
+    --implementation cp --python-version 3.12 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux1_x86_64 \
+    "${WHEELS[@]}"
+ls -l "$DEST"
+du -sh "$DEST"

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The whole GPU check of issue 10 as one command, sized for a 15-minute device lease: about
+# 6-7 minutes expected on an H200, at most ~8.5 minutes (every part has its own time limit, so
+# one hang cannot eat the lease). Run from the repository root; on the device machine, with the
+# wheels of benchmarks/gpu_wheels.sh carried in `.whl/`:
+#
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#
+# Parts, each logged (to $OUT, else to LOGDIR, else benchmarks/out/gpu_check) and timed:
+#   env    versions, nvidia-smi -L                                       -> env.log
+#   tests  the kernel, CUDA-graph, decoder and parity tests on the GPU    -> tests.log
+#   bench  python3 benchmarks/gpu.py (both models)                        -> gpu.log
+# A failing test does not stop the benchmark; the exit status is the first failing part's.
+#
+# Usage: bash benchmarks/gpu_check.sh [--dry-run] [LOGDIR]
+#   --dry-run  on a machine without CUDA: the same steps, the benchmark as --smoke (checks the
+#              script itself; its figures mean nothing). Without it, no CUDA is an error.
+# Limits (seconds) can be changed through TESTS_LIMIT and BENCH_LIMIT; GPU_ARGS replaces the
+# benchmark's arguments (e.g. GPU_ARGS="--models qwen3-0.6b").
+set -uo pipefail
+
+DRY=0
+if [[ ${1:-} == --dry-run ]]; then DRY=1; shift; fi
+LOG=${OUT:-${1:-benchmarks/out/gpu_check}}
+TESTS_LIMIT=${TESTS_LIMIT:-150}
+BENCH_LIMIT=${BENCH_LIMIT:-360}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$LOG"
+BEGIN=$SECONDS
+STATUS=0
+
+stamp() { echo "== [$((SECONDS - BEGIN)) s] $*"; }
+
+# Packages the device lacks travel as wheels; install them only where they are missing, so
+# the same script runs unchanged on a machine that has them.
+if ! "$PY" -c "import msgspec, pytest_asyncio, pytest_aiohttp" 2>/dev/null; then
+    if ! compgen -G ".whl/*.whl" >/dev/null; then
+        echo "msgspec/pytest-asyncio/pytest-aiohttp missing and no .whl/: run" \
+             "benchmarks/gpu_wheels.sh here and carry .whl" >&2
+        exit 2
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 2
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+stamp "env"
+{
+    "$PY" - <<'EOF'
+import importlib.metadata as md
+import sys
+
+import torch
+
+print("python", sys.version.split()[0], sys.executable)
+for name in ("torch", "triton", "transformers", "tokenizers", "numpy", "pytest",
+             "pytest-asyncio", "pytest-aiohttp", "hypothesis", "msgspec", "aiohttp"):
+    try:
+        print(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name} MISSING")
+print("cuda available:", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+    nvidia-smi -L 2>&1 || echo "nvidia-smi: not available"
+} 2>&1 | tee "$LOG/env.log"
+
+if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    if [[ $DRY == 0 ]]; then
+        echo "no CUDA device here: this check needs a GPU (use --dry-run to test the script" \
+             "on a CPU machine)" >&2
+        exit 2
+    fi
+    echo "no CUDA device: dry run (tests on the CPU path, benchmark as --smoke)"
+    GPU_ARGS=${GPU_ARGS:---smoke}
+fi
+
+# Our tests with our pytest options; the device's own pytest plugins (xdist, cov, benchmark,
+# timeout...) are not loaded, ours are named. pyproject's filterwarnings=error stays, except
+# that UserWarning, DeprecationWarning and FutureWarning are shown (in the log's warnings
+# summary) instead of failing: torch 2.11 and Triton 3.6 (whose compiler, unlike the CPU
+# interpreter, warns about kernel code) may raise them, and this one run cannot be redone.
+# pytest's -W takes exact module names, so the filter is by category; CI stays strict.
+stamp "tests (limit ${TESTS_LIMIT} s)"
+T0=$SECONDS
+PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout -s INT -k 15 "$TESTS_LIMIT" \
+    "$PY" -m pytest -q -rfEs -p no:cacheprovider \
+    -p pytest_asyncio.plugin -p pytest_aiohttp.plugin -p _hypothesis_pytestplugin \
+    -W default::UserWarning -W default::DeprecationWarning -W default::FutureWarning \
+    tests/unit/test_kernels_attention.py tests/unit/test_kernels_cuda_graphs.py \
+    tests/unit/test_decoder.py tests/integration/test_engine_parity.py \
+    2>&1 | tee "$LOG/tests.log"
+RC=$?
+stamp "tests: exit $RC in $((SECONDS - T0)) s (124: time limit)"
+[[ $STATUS == 0 ]] && STATUS=$RC
+
+stamp "bench (limit ${BENCH_LIMIT} s)"
+T0=$SECONDS
+# shellcheck disable=SC2086  # GPU_ARGS is a list of words
+timeout -s INT -k 15 "$BENCH_LIMIT" "$PY" benchmarks/gpu.py ${GPU_ARGS:-} 2>&1 \
+    | tee "$LOG/gpu.log"
+RC=$?
+stamp "bench: exit $RC in $((SECONDS - T0)) s (124: time limit)"
+[[ $STATUS == 0 ]] && STATUS=$RC
+
+stamp "done, exit $STATUS; logs in $LOG"
+exit "$STATUS"
