@@ -48,6 +48,14 @@ class StepPlan:
     def num_tokens(self) -> int:
         return sum(item.n for item in self.items)
 
+    @property
+    def closed(self) -> bool:
+        """Every request of the step is a scoring (or cache-warming) request: no token it
+        produces feeds a later step, so the next step can be planned and launched before this
+        one's results are back. (A request whose prompt is only partly done here continues
+        once they are.)"""
+        return all(it.seq.label_ids is not None for it in self.items)
+
 
 @dataclass(slots=True)
 class CoreLimits:
@@ -111,18 +119,22 @@ class EngineCore:
 
     # ---------------------------------------------------------------- planning
 
-    def plan_step(self, now: float) -> StepPlan:
+    def plan_step(self, now: float, busy: frozenset[str] = frozenset()) -> StepPlan:
+        """The next step. ``busy`` names running requests of a launched, closed step whose
+        results are not back yet: they are left out (they need nothing more) and their KV is
+        neither reused nor preempted."""
         plan = StepPlan(now)
-        budget = self._plan_running(plan)
+        budget = self._plan_running(plan, busy)
         if budget > 0 and self.waiting and not plan.preempted:
-            self._admit(plan, budget)
+            self._admit(plan, budget, busy)
         return plan
 
-    def _plan_running(self, plan: StepPlan) -> int:
+    def _plan_running(self, plan: StepPlan, busy: frozenset[str]) -> int:
         """Schedule running requests oldest first; return the budget left for admissions."""
         budget = self.limits.max_batch_tokens
         wants: list[tuple[Sequence, int]] = []
-        for seq in self.running.values():
+        running = [s for s in self.running.values() if s.rid not in busy] if busy else None
+        for seq in self.running.values() if running is None else running:
             if budget <= 0:
                 break
             n = min(seq.num_pending, self.limits.chunked_prefill_size, budget)
@@ -138,7 +150,8 @@ class EngineCore:
             return budget
         # Memory is short: go request by request, evicting, then preempting the newest.
         budget = self.limits.max_batch_tokens
-        running = list(self.running.values())
+        if running is None:
+            running = list(self.running.values())
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
@@ -199,7 +212,7 @@ class EngineCore:
         computes its whole prompt (cached KV has no logits)."""
         return 0 if seq.prompt_logprobs is not None else len(seq.tokens) - 1
 
-    def _admit(self, plan: StepPlan, budget: int) -> None:
+    def _admit(self, plan: StepPlan, budget: int, busy: frozenset[str]) -> None:
         # Only requests whose radix path changed since last round are re-matched; the ones
         # actually admitted are matched afresh below either way.
         if self._tracker is not None:
@@ -211,7 +224,9 @@ class EngineCore:
         # evictable), or a long prompt admitted on its first chunk alone would later preempt.
         scheduled = {item.seq.rid: item.n for item in plan.items}
         reserve = sum(
-            max(seq.num_pending - scheduled.get(seq.rid, 0), 0) + 1 for seq in self.running.values()
+            max(seq.num_pending - scheduled.get(seq.rid, 0), 0) + 1
+            for seq in self.running.values()
+            if seq.rid not in busy
         )
         order = self.scheduler.order([s.sched for s in self.waiting.values()], plan.now)
         for view in order:

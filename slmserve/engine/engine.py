@@ -15,13 +15,13 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from slmserve.config import DEFAULT_CPU_KV_TOKENS, EngineConfig
 from slmserve.engine.core import CoreLimits, EngineCore, StepPlan
-from slmserve.engine.runner import ModelRunner, StepResult, StepTimes
+from slmserve.engine.runner import LaunchedStep, ModelRunner, StepResult, StepTimes
 from slmserve.engine.sequence import Sequence as Seq
 from slmserve.engine.sequence import Status
 from slmserve.interfaces import ModelBackend
@@ -34,6 +34,7 @@ from slmserve.types import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class EngineClosedError(RuntimeError):
@@ -505,46 +506,85 @@ class AsyncEngine:
                 )
 
     async def _steps(self, core: EngineCore) -> None:
-        loop = asyncio.get_running_loop()
+        """Plan, launch, collect, complete: one step at a time, or two in flight when
+        :attr:`overlaps` and the older one is closed (see :attr:`StepPlan.closed`).
+
+        With two in flight the device has the next step queued behind the current one while
+        the host waits for, accounts and emits the current one's results, then plans the one
+        after: the host's per-step work no longer leaves the device idle.
+        """
+        inflight: deque[tuple[StepPlan, LaunchedStep, float]] = deque()
         while True:
-            self._apply_aborts()
-            if not core.has_work():
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            self._idle.clear()
-            t0 = time.perf_counter()
-            plan = core.plan_step(time.monotonic())
-            t1 = time.perf_counter()
-            self.times.schedule += t1 - t0
-            if not plan.items:
-                self._fail_unschedulable(plan)
-                await asyncio.sleep(0)
-                continue
+            busy = frozenset(it.seq.rid for p, _, _ in inflight for it in p.items)
+            self._apply_aborts(busy)
+            if not inflight or (self.overlaps and len(inflight) == 1 and inflight[0][0].closed):
+                if not inflight and not core.has_work():
+                    self._idle.set()
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                self._idle.clear()
+                t0 = time.perf_counter()
+                plan = core.plan_step(time.monotonic(), busy)
+                self.times.schedule += time.perf_counter() - t0
+                if plan.items:
+                    try:
+                        launched = await self._on_model_thread(self.runner.launch, plan)
+                    except Exception as exc:  # a backend error fails this step's requests only
+                        self._finish_step(plan, None, exc, t0)
+                    else:
+                        self.times.overlapped += len(inflight)
+                        inflight.append((plan, launched, t0))
+                    continue
+                if not inflight:
+                    self._fail_unschedulable(plan)
+                    await asyncio.sleep(0)
+                    continue
+            plan, launched, t0 = inflight.popleft()
             try:
-                if self.config.model_thread:
-                    result = await loop.run_in_executor(self._executor, self.runner.run, plan)
-                else:
-                    result = self.runner.run(plan)
-            except Exception as exc:  # a backend error fails this step's requests only
-                log.exception("model step failed")
-                report = core.fail(plan, f"{type(exc).__name__}: {exc}")
+                result = await self._on_model_thread(self.runner.collect, launched)
+            except Exception as exc:
+                self._finish_step(plan, None, exc, t0)
             else:
-                t2 = time.perf_counter()
-                report = core.complete_step(plan, result.sampled, time.monotonic())
-                self._emit(plan, result)
-                self.times.output += time.perf_counter() - t2
-            report.finished = core.take_finished()
-            try:
-                self.scheduler.on_step(report)
-            except Exception:
-                log.exception("scheduler %s failed in on_step", self.config.scheduler)
-            step = time.perf_counter() - t0
-            self.times.steps += 1
-            self.times.tokens += plan.num_tokens
-            self.times.max_step = max(self.times.max_step, step)
-            await asyncio.sleep(0)  # let handlers run between steps
+                self._finish_step(plan, result, None, t0)
+            await asyncio.sleep(0)  # let handlers run (and enqueue) between steps
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether closed steps are overlapped with the next (``EngineConfig.overlap``)."""
+        mode = self.config.overlap
+        on_cuda = self.kv is not None and self.kv.device.type == "cuda"
+        return mode == "on" or (mode == "auto" and on_cuda)
+
+    async def _on_model_thread(self, fn: Callable[[Any], _T], arg: Any) -> _T:
+        if self.config.model_thread:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, fn, arg)
+        return fn(arg)
+
+    def _finish_step(
+        self, plan: StepPlan, result: StepResult | None, error: Exception | None, t0: float
+    ) -> None:
+        """Account a collected step (or fail its requests when the model run raised)."""
+        core = self.core
+        assert core is not None
+        if result is None:
+            log.error("model step failed", exc_info=error)
+            report = core.fail(plan, f"{type(error).__name__}: {error}")
+        else:
+            t2 = time.perf_counter()
+            report = core.complete_step(plan, result.sampled, time.monotonic())
+            self._emit(plan, result)
+            self.times.output += time.perf_counter() - t2
+        report.finished = core.take_finished()
+        try:
+            self.scheduler.on_step(report)
+        except Exception:
+            log.exception("scheduler %s failed in on_step", self.config.scheduler)
+        step = time.perf_counter() - t0
+        self.times.steps += 1
+        self.times.tokens += plan.num_tokens
+        self.times.max_step = max(self.times.max_step, step)
 
     def _fail_unschedulable(self, plan: StepPlan) -> None:
         """Nothing could run although requests wait: fail the head one instead of spinning."""
@@ -556,10 +596,13 @@ class AsyncEngine:
         seq.error = "request does not fit in the KV cache"
         self.core._finish(seq, "error")
 
-    def _apply_aborts(self) -> None:
+    def _apply_aborts(self, busy: frozenset[str] = frozenset()) -> None:
+        """Abort what was asked; a request whose step is still on the device is aborted once
+        that step is collected (its slots are being written)."""
         assert self.core is not None
-        while self._aborts:
-            self.core.abort(self._aborts.pop())
+        for rid in [r for r in self._aborts if r not in busy]:
+            self._aborts.discard(rid)
+            self.core.abort(rid)
 
     # ---------------------------------------------------------------- outputs
 

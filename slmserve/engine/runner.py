@@ -34,6 +34,8 @@ class StepTimes:
     output: float = 0.0
     max_step: float = 0.0
     tokens: int = 0
+    overlapped: int = 0
+    """Steps launched while the previous one was still on the device."""
 
     def as_dict(self) -> dict[str, float]:
         return dict(vars(self))
@@ -91,11 +93,20 @@ class ModelRunner:
             )
 
     def run(self, plan: StepPlan) -> StepResult:
-        """Worker thread: forward, logits where needed, sampling; one device->host copy.
+        """Launch the step and wait for its results."""
+        return self.collect(self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> LaunchedStep:
+        """Worker thread: forward, logits where needed, sampling, and the device->host copies,
+        without waiting for any of it. On CUDA this returns while the device still computes,
+        so the caller can plan (and launch) the next step meanwhile; on the CPU the work is
+        done when it returns.
 
         Full-vocabulary logits are computed only for rows someone reads in full: the last
         token of a generating request, prompt-logprob rows, and raw-logprob scoring rows.
-        Scoring with softmax reads just the label rows of the LM head.
+        Scoring with softmax reads just the label rows of the LM head. Nothing here copies
+        from pageable host memory (that would wait for the device): every index array goes
+        through the pinned stager.
         """
         import torch
 
@@ -123,9 +134,12 @@ class ModelRunner:
         for entry in label_scores:
             groups.setdefault(entry[0].seq.label_ids, []).append(entry)
         extras = [np.asarray(rows, np.int64)]
+        if raw_scores:
+            extras.append(np.asarray([it.seq.label_ids for it, _ in raw_scores], np.int64).ravel())
         for labels, entries in groups.items():
             extras += [np.asarray([r for _, r in entries], np.int64), np.asarray(labels, np.int64)]
-        batch, (row_index, *label_index) = host.to_device(self.stager, extras)
+        batch, (row_index, *indices) = host.to_device(self.stager, extras)
+        raw_labels = indices.pop(0).view(len(raw_scores), -1) if raw_scores else None
         t1 = time.perf_counter()
         result = StepResult({})
         fetch = _Fetch()
@@ -144,17 +158,20 @@ class ModelRunner:
                 self._prompt_logprobs(it, logits[offset : offset + count], fetch, result)
                 offset += count
             if raw_scores:
-                lps = torch.log_softmax(logits[offset:], dim=-1)
-                labels = torch.tensor([it.seq.label_ids for it, _ in raw_scores])
-                values = lps.gather(1, labels.to(lps.device, non_blocking=True))
+                values = torch.log_softmax(logits[offset:], dim=-1).gather(1, raw_labels)
                 fetch.add(values, then=lambda v: _store_scores(raw_scores, v.tolist(), result))
             if groups:
-                self._label_scores(hidden, groups, label_index, fetch, result)
-            fetch.run()
+                self._label_scores(hidden, groups, indices, fetch, result)
+            fetch.start(getattr(self.backend, "completion_marker", None), self.kv.device)
         self.times.batch += t1 - t0
         self.times.forward += t2 - t1
-        self.times.sample += time.perf_counter() - t2
-        return result
+        return LaunchedStep(result, fetch, t2)
+
+    def collect(self, step: LaunchedStep) -> StepResult:
+        """Wait for a launched step (its one synchronisation) and fill in its results."""
+        step.fetch.finish()
+        self.times.sample += time.perf_counter() - step.launched
+        return step.result
 
     def _label_scores(
         self,
@@ -252,6 +269,15 @@ def _store_scores(items: list[Any], rows: list[list[float]], result: StepResult)
         result.scores[it.seq.rid] = row
 
 
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step whose device work is queued; :meth:`ModelRunner.collect` waits for it."""
+
+    result: StepResult
+    fetch: _Fetch
+    launched: float
+
+
 class _Fetch:
     """The device results of one step, copied to the host together (one synchronisation);
     each ``then`` callback receives its own tensors' host copies."""
@@ -259,22 +285,35 @@ class _Fetch:
     def __init__(self) -> None:
         self.tensors: list[Any] = []
         self.callbacks: list[tuple[int, int, Callable[..., None]]] = []
+        self.host: list[Any] = []
+        self.wait: Callable[[], None] = _nothing
 
     def add(self, *tensors: Any, then: Callable[..., None]) -> None:
         self.callbacks.append((len(self.tensors), len(tensors), then))
         self.tensors.extend(tensors)
 
-    def run(self) -> None:
-        host = _to_host(*self.tensors)
+    def start(self, marker: Callable[[], Callable[[], None]] | None, device: Any) -> None:
+        """Queue the non-blocking copies and mark the end of the step's device work: a CUDA
+        event recorded after the copies (waiting on it waits for this step only, not for a
+        step launched after it), or ``marker()`` where the backend keeps a device of its own.
+        A step with nothing to copy back is waited for too, so the host never runs more than
+        the steps it launched ahead of the device."""
+        import torch
+
+        tensors = self.tensors
+        self.host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
+        if marker is not None:
+            self.wait = marker()
+        elif device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self.wait = event.synchronize
+
+    def finish(self) -> None:
+        self.wait()
         for start, count, then in self.callbacks:
-            then(*host[start : start + count])
+            then(*self.host[start : start + count])
 
 
-def _to_host(*tensors: Any) -> list[Any]:
-    """Copy tensors to the host with one synchronisation (non-blocking copies, then one sync)."""
-    import torch
-
-    out = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
-    if any(t is not None and t.is_cuda for t in tensors):
-        torch.cuda.current_stream().synchronize()
-    return out
+def _nothing() -> None:
+    """CPU results are ready when launched."""

@@ -4,10 +4,17 @@ It keeps the whole engine path real — batching, KV slot bookkeeping, the radix
 scheduler, sampling over a real vocabulary, detokenization, streaming — and replaces only the
 forward pass with a constant-time stand-in: the logit row of each position puts all mass on
 ``(input token + 1) mod vocab``, so greedy decoding counts upwards. Never use it to serve.
+
+``device_seconds_per_token`` makes it stand in for an asynchronous accelerator as well: each
+forward returns at once but "occupies the device" for that long per token, in launch order, and
+the runner's wait for a step's results sleeps until the device would be done. That is how the
+overlap of host work with device work (``EngineConfig.overlap``) is measured without a GPU.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +33,17 @@ class NullBackend(ModelBackend):
 
     name = "null"
 
-    def __init__(self, tokenizer: Any, *, max_len: int = 32768) -> None:
+    def __init__(
+        self, tokenizer: Any, *, max_len: int = 32768, device_seconds_per_token: float = 0.0
+    ) -> None:
         import torch
+
+        if device_seconds_per_token < 0:
+            raise ValueError(
+                f"device_seconds_per_token must be >= 0, not {device_seconds_per_token}"
+            )
+        self.device_seconds_per_token = float(device_seconds_per_token)
+        self._device_free_at = 0.0
 
         self.tokenizer = tokenizer
         vocab = len(tokenizer)
@@ -47,8 +63,17 @@ class NullBackend(ModelBackend):
         self._eye = torch.arange(vocab)
 
     def forward(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
+        if self.device_seconds_per_token:
+            start = max(time.perf_counter(), self._device_free_at)
+            cost = batch.input_ids.shape[0] * self.device_seconds_per_token
+            self._device_free_at = start + cost
         # "Hidden state" = the input token id at each requested position.
         return batch.input_ids.index_select(0, batch.logit_indices).unsqueeze(1)
+
+    def completion_marker(self) -> Callable[[], None]:
+        """A wait for the work launched so far (the runner calls it to collect a step)."""
+        done_at = self._device_free_at
+        return lambda: time.sleep(max(0.0, done_at - time.perf_counter()))
 
     def logits(self, hidden: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
         vocab = self._eye if vocab_ids is None else vocab_ids

@@ -9,7 +9,8 @@ import pytest
 import torch
 from checkpoints import load_hf
 
-from slmserve import Engine, EngineConfig
+from slmserve import Engine, EngineConfig, SamplingParams
+from slmserve.engine import collect
 
 LABELS = (89, 78)  # "Y", "N" in the byte tokenizer
 
@@ -38,8 +39,9 @@ def _raw_reference(
         ]
 
 
+@pytest.mark.parametrize("overlap", ["off", "on"])
 @pytest.mark.parametrize("kv_tokens", [4096, 160])
-def test_scores_match_transformers(qwen3_dir: Path, kv_tokens: int) -> None:
+def test_scores_match_transformers(qwen3_dir: Path, kv_tokens: int, overlap: str) -> None:
     query = "Query: senior python engineer, remote. "
     items = ["Job: python developer", "Job: chef in a busy kitchen, evenings " * 3, "x", "Job: SRE"]
     engine = Engine(
@@ -50,6 +52,7 @@ def test_scores_match_transformers(qwen3_dir: Path, kv_tokens: int) -> None:
             kv_tokens=kv_tokens,
             chunked_prefill_size=8,
             max_batch_tokens=48,
+            overlap=overlap,
         )
     )
 
@@ -126,3 +129,67 @@ async def test_bad_scoring_input(qwen3_dir: Path) -> None:
             await engine.score("q", ["a"], label_token_ids=LABELS, template="{query}")
         ok = await engine.score("q", ["a"], label_token_ids=LABELS)
         assert len(ok.scores) == 1 and sum(ok.scores[0]) == pytest.approx(1.0)
+
+
+def test_overlapped_steps_give_the_same_scores_and_keep_the_cache_sound(qwen3_dir: Path) -> None:
+    """Many scoring requests at once, a generation request among them and aborts of requests
+    whose step is on the device: the same scores and tokens with ``overlap`` on as off, and
+    every KV slot accounted for after."""
+    queries = [f"Query {i}: python engineer, remote. " for i in range(6)]
+    items = [f"Job {j}: " + "developer " * (j % 4 + 1) for j in range(7)]
+
+    async def run(overlap: str) -> tuple[list[list[list[float]]], list[int], int]:
+        config = EngineConfig(
+            model=str(qwen3_dir),
+            device="cpu",
+            dtype="float32",
+            kv_tokens=1024,
+            chunked_prefill_size=32,
+            max_batch_tokens=96,
+            overlap=overlap,
+        )
+        async with Engine(config) as engine:
+            gen = asyncio.ensure_future(
+                collect(
+                    engine.submit(
+                        "story:", SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+                    )
+                )
+            )
+            scores = [
+                engine.score(q, items, label_token_ids=LABELS, client_id=f"c{i}")
+                for i, q in enumerate(queries)
+            ]
+            results = await asyncio.gather(*scores)
+            tokens = (await gen).token_ids
+            # Abort whatever runs two steps into a new burst: some of it is in flight.
+            doomed = asyncio.gather(
+                *(engine.score(q, items[:3], label_token_ids=LABELS) for q in queries[:3]),
+                return_exceptions=True,
+            )
+            for _ in range(200):
+                await asyncio.sleep(0)
+                if engine.times.steps >= 2 + len(results) and engine.core.running:
+                    break
+            for rid in list(engine.core.running):
+                engine.abort(rid)
+            outcomes = await doomed
+            assert all(isinstance(o, RuntimeError) or len(o.scores) == 3 for o in outcomes)
+            again = await engine.score(queries[0], items, label_token_ids=LABELS)
+            engine.core.check_integrity()
+            assert engine.core.cache.protected_size == 0
+            _assert_close(again.scores, results[0].scores)
+            return [r.scores for r in results], tokens, engine.times.overlapped
+
+    serial, serial_tokens, none = asyncio.run(run("off"))
+    overlapped, tokens, count = asyncio.run(run("on"))
+    assert none == 0 and count > 0
+    assert tokens == serial_tokens
+    for a, b in zip(overlapped, serial):
+        _assert_close(a, b)
+
+
+def _assert_close(got: list[list[float]], want: list[list[float]]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-5)
