@@ -23,7 +23,7 @@ the FLOPs of an item's tokens (2 per weight, plus attention over the query and t
 this card's measured bf16 matmul rate; MFU = headline / ceiling. The warm-up requests are the
 same for both systems, and the table reports the largest difference of their label
 probabilities (a check that the fast path computes what transformers computes; bf16 on both
-sides, so expect ~1e-2, not 0).
+sides, so small but not 0).
 
 Generation: 64 and 256 concurrent requests (128-token prompts, 256 output tokens, greedy,
 EOS ignored), output tokens/s.
