@@ -58,6 +58,11 @@ def add_engine_args(parser: argparse.ArgumentParser, plugins: PluginManager) -> 
         default=None,
         help="on CUDA, run decode steps eagerly instead of replaying captured graphs",
     )
+    g.add_argument(
+        "--overlap",
+        choices=["auto", "on", "off"],
+        help="plan and launch the next step while a scoring step runs (auto: on for CUDA)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -78,6 +83,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         "seed": args.seed,
         "torch_threads": args.torch_threads,
         "cuda_graphs": args.cuda_graphs,
+        "overlap": args.overlap,
     }
     return load_config(args.config, overrides)
 

@@ -116,6 +116,7 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._aborts: set[str] = set()
+        self._eos_ids: frozenset[int] = frozenset()
         self._ids = itertools.count()
         self._accepting = False
         self.num_finished = 0
@@ -133,6 +134,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         if self.backend is None:
             self.backend = await loop.run_in_executor(self._executor, self._load_backend)
+        self._eos_ids = frozenset(self.backend.info.eos_token_ids)
         await loop.run_in_executor(self._executor, self._build_kv)
         if self.config.gc_freeze:
             gc.collect()
@@ -323,7 +325,7 @@ class AsyncEngine:
             params,
             arrival_time=now,
             client_id=client_id or DEFAULT_CLIENT,
-            eos_ids=frozenset(self.backend.info.eos_token_ids),
+            eos_ids=self._eos_ids,
             stream=stream,
             **seq_options,
         )
@@ -405,8 +407,8 @@ class AsyncEngine:
         if not isinstance(query, str):
             if template is not None:
                 raise ValueError("a template needs text query and items, not token ids")
-            q = [int(t) for t in query]
-            ids = [[int(t) for t in x] for x in items]
+            q = list(map(int, query))
+            ids = [list(map(int, x)) for x in items]
             for i, x in enumerate(ids):
                 self._check_ids(x, what=f"item {i}")
             self._check_ids(q, what="query")

@@ -102,7 +102,8 @@ async def _profile(
     from slmserve.plan.measure import measure
     from slmserve.plan.profile import EngineSetup, Profile
 
-    engine = AsyncEngine(config, plugins=plugins)
+    # Steps one at a time: the simulator's cost model prices each step on its own.
+    engine = AsyncEngine(config.replace(overlap="off"), plugins=plugins)
     async with engine:
         assert engine.core is not None
         m = await measure(

@@ -43,12 +43,16 @@ class StepTimer:
     def attach(self, engine: AsyncEngine) -> None:
         core, scheduler = engine.core, engine.scheduler
         assert core is not None, "start the engine first"
+        if engine.overlaps:
+            # Two steps in flight would time each one across the other; the simulator's cost
+            # model is of steps run one at a time.
+            raise ValueError("profile an engine with overlap='off'")
         plan_step, on_step = core.plan_step, scheduler.on_step
         current: list[Any] = []
 
-        def timed_plan(now: float) -> Any:
+        def timed_plan(now: float, busy: frozenset[str] = frozenset()) -> Any:
             t0 = time.perf_counter()
-            plan = plan_step(now)
+            plan = plan_step(now, busy)
             current[:] = [t0, plan]
             return plan
 

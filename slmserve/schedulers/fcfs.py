@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
 from slmserve.hookspecs import hookimpl
 from slmserve.interfaces import Scheduler
@@ -17,7 +18,12 @@ class FCFS(Scheduler):
     uses_prefix_match = False
 
     def order(self, waiting: Sequence[SchedRequest], now: float) -> list[SchedRequest]:
-        return sorted(waiting, key=lambda r: (r.arrival_time, r.rid))
+        # The queue is nearly in arrival order already (timsort: one pass), and a C key getter
+        # keeps the pass cheap with thousands of scoring items waiting.
+        return sorted(waiting, key=_ARRIVAL_ORDER)
+
+
+_ARRIVAL_ORDER = attrgetter("arrival_time", "rid")
 
 
 @hookimpl

@@ -1,0 +1,147 @@
+"""Overlap scheduling: how much of the host's per-step work hides behind the device's.
+
+On a GPU a step's kernels are launched in milliseconds and run for tens; without overlap the
+device then idles while the host collects the results, accounts the step, emits the scores and
+plans the next step. With ``EngineConfig.overlap`` the next scoring step is planned and launched
+before the current one's results are back, so the device always has a step queued.
+
+This measures that without a GPU: the ``null`` backend with ``device_seconds_per_token`` stands
+in for an asynchronous device that takes that long per token (its forward returns at once; the
+wait for a step's results sleeps until the "device" is done, in launch order). Everything else
+is the real engine: the scheduler, the radix cache, flattening, the worker thread, scoring.
+
+Workload: the GPU benchmark's scoring shape: requests of one fresh 200-token query and 10 fresh
+items of 300 tokens, all submitted at once (closed loop); items/s over the whole burst. Device
+speeds are given in items/s of this workload (320 tokens an item: 300 of its own and a tenth of
+its query); 2,700 items/s is the compute ceiling of a Qwen3-0.6B-shaped model on an H100
+(`benchmarks/gpu.py` computes it). Printed per speed: overlap off and on (median of the rounds,
+taking turns), their ratio, the host alone (an infinitely fast device), and the two bounds:
+``serial`` = 1 / (1/host + 1/device), what no overlap can beat, and ``ideal`` = min(host, device).
+A last row runs the demo model on the CPU, where the forward pass *is* the launch (nothing to
+hide; it checks that overlap costs nothing there).
+
+    python benchmarks/overlap.py                 # ~1 min
+    python benchmarks/overlap.py --rounds 1 --requests 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
+from slmserve import Engine, EngineConfig
+
+ITEMS, ITEM_TOKENS, QUERY_TOKENS = 10, 300, 200
+TOKENS_PER_ITEM = ITEM_TOKENS + QUERY_TOKENS / ITEMS
+LABELS = (9, 10)
+
+Request = tuple[list[int], list[list[int]]]
+
+
+def make_requests(n: int, seed: int) -> list[Request]:
+    rng = random.Random(seed)
+
+    def ids(k: int) -> list[int]:
+        return [rng.randrange(11, 250) for _ in range(k)]
+
+    return [(ids(QUERY_TOKENS), [ids(ITEM_TOKENS) for _ in range(ITEMS)]) for _ in range(n)]
+
+
+async def burst(config: EngineConfig, reqs: list[Request]) -> tuple[float, float]:
+    """Items/s of the whole burst and the share of steps launched with another in flight."""
+    async with Engine(config) as engine:
+        warm = make_requests(2, seed=-1)
+        await asyncio.gather(*(engine.score(q, it, label_token_ids=LABELS) for q, it in warm))
+        steps0, overlapped0 = engine.times.steps, engine.times.overlapped
+        start = time.perf_counter()
+        await asyncio.gather(*(engine.score(q, it, label_token_ids=LABELS) for q, it in reqs))
+        elapsed = time.perf_counter() - start
+        assert engine.core is not None
+        engine.core.check_integrity()
+        steps = engine.times.steps - steps0
+        share = (engine.times.overlapped - overlapped0) / max(steps, 1)
+    return len(reqs) * ITEMS / elapsed, share
+
+
+def config(args: argparse.Namespace, overlap: str, device_rate: float | None) -> EngineConfig:
+    common = {
+        "kv_tokens": 400_000,
+        "max_batch_tokens": args.max_batch_tokens,
+        "chunked_prefill_size": args.max_batch_tokens,
+        "max_running_requests": 256,
+        "max_waiting_requests": 1 << 16,
+        "overlap": overlap,
+        "gc_freeze": False,
+    }
+    if device_rate is None:  # the demo model, computed on the CPU
+        return EngineConfig(device="cpu", dtype="float32", **common)
+    spt = 1.0 / (device_rate * TOKENS_PER_ITEM) if device_rate > 0 else 0.0
+    return EngineConfig(backend="null", backend_options={"device_seconds_per_token": spt}, **common)
+
+
+async def compare(
+    args: argparse.Namespace, device_rate: float | None, n: int
+) -> dict[str, tuple[float, float]]:
+    """Median items/s (and overlapped share) per mode, modes taking turns each round."""
+    runs: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    for r in range(args.rounds):
+        reqs = make_requests(n, seed=r)
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            runs[mode].append(await burst(config(args, mode, device_rate), reqs))
+    return {
+        mode: (statistics.median(x for x, _ in v), statistics.median(s for _, s in v))
+        for mode, v in runs.items()
+    }
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(
+        f"scoring bursts of {args.requests} requests x {ITEMS} items x {ITEM_TOKENS} tokens "
+        f"({QUERY_TOKENS}-token query), max_batch_tokens {args.max_batch_tokens}, "
+        f"median of {args.rounds} rounds\n"
+    )
+    host = (await compare(args, 0.0, args.requests))["off"][0]
+    print(f"host alone (null backend, no device time): {host:,.0f} items/s\n")
+    print("| device items/s | overlap off | overlap on | on / off | overlapped steps "
+          "| serial bound | ideal |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for rate in args.device_rates:
+        res = await compare(args, rate, args.requests)
+        (off, _), (on, share) = res["off"], res["on"]
+        serial = 1 / (1 / host + 1 / rate)
+        print(
+            f"| {rate:,.0f} | {off:,.0f} | {on:,.0f} | {on / off:.2f}x | {share:.0%} "
+            f"| {serial:,.0f} | {min(host, rate):,.0f} |",
+            flush=True,
+        )
+    if args.cpu_model:
+        res = await compare(args, None, args.cpu_requests)
+        (off, _), (on, share) = res["off"], res["on"]
+        print(
+            f"| demo model on the CPU | {off:,.0f} | {on:,.0f} | {on / off:.2f}x | {share:.0%} "
+            "| - | - |"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=300, help="requests per burst")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--device-rates", type=float, nargs="+", default=[1500.0, 2700.0, 5000.0],
+        help="simulated device speeds, items/s",
+    )  # fmt: skip
+    ap.add_argument("--max-batch-tokens", type=int, default=16_384)
+    ap.add_argument("--no-cpu-model", dest="cpu_model", action="store_false")
+    ap.add_argument("--cpu-requests", type=int, default=8, help="requests per CPU-model burst")
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))
