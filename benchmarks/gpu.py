@@ -302,6 +302,7 @@ def engine_config(path: Path, args: argparse.Namespace) -> EngineConfig:
         max_running_requests=max(256, *args.concurrency),
         max_waiting_requests=1 << 16,
         cuda_graphs=not args.no_cuda_graphs,
+        overlap=args.overlap,
     )
 
 
@@ -511,6 +512,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kv-tokens", type=int, default=300_000)
     ap.add_argument("--max-batch-tokens", type=int, default=16_384)
     ap.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps")
+    ap.add_argument(
+        "--overlap", choices=["auto", "on", "off"], default="auto",
+        help="overlapped scoring steps (EngineConfig.overlap; auto = on for CUDA)",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.device, args.dtype = "cuda", "bfloat16"

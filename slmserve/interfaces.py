@@ -187,6 +187,11 @@ class ModelBackend(ABC):
       other slots. It returns hidden states at ``batch.logit_indices`` only: ``[L, hidden]``.
     * ``logits`` maps those hidden states to float32 logits, either over the whole vocabulary
       or, when ``vocab_ids`` is given, only for those rows of the LM head (scoring reads two).
+    * Both may return before the device has finished (CUDA work is queued): the runner waits
+      for a step's results once, on a CUDA event, and may launch the next step first. A
+      backend whose device is not a CUDA stream can define ``completion_marker() -> wait``:
+      called after a step is launched, it returns a function that blocks until that step's
+      work is done (the ``null`` backend's simulated device does this).
     """
 
     name: ClassVar[str]

@@ -68,6 +68,7 @@ class DecodeGraphs:
         self.logit_indices = torch.arange(size, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.replays = 0  # decode steps served by a graph (tests and logs read it)
         if capture:
             self._capture()
 
@@ -133,4 +134,5 @@ class DecodeGraphs:
         """
         size = self.padded(batch).num_seqs
         self.graphs[size].replay()
+        self.replays += 1
         return self.outputs[size][: batch.num_seqs]

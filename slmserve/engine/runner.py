@@ -1,7 +1,8 @@
 """One engine step on the device: batch, forward, logits where needed, sampling, scores.
 
 Everything here runs in the engine's single worker thread, so the event loop stays free while
-the CPU or GPU computes. The only device->host copy is the small result tensors at the end.
+the CPU or GPU computes. The only device->host copy is the small result tensors at the end;
+:meth:`ModelRunner.collect` waits for them, separately from the launch.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ class ModelRunner:
 
     One step costs one host->device copy (the batch and the runner's index arrays, packed by
     :class:`~slmserve.engine.batch.HostStager`) and one device->host synchronisation (every
-    result of the step copied back together). On CUDA, decode-only steps replay a captured
-    graph when the backend supports it and ``cuda_graphs`` is on.
+    result of the step copied back together). It is two calls, :meth:`launch` and
+    :meth:`collect`, so the engine can launch the next step before collecting this one
+    (``EngineConfig.overlap``). On CUDA, decode-only steps replay a captured graph when the
+    backend supports it and ``cuda_graphs`` is on.
     """
 
     def __init__(
