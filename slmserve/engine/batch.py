@@ -96,16 +96,18 @@ def flatten(plan: StepPlan) -> HostBatch:
 class HostStager:
     """Moves a list of int64 arrays to the device with one copy.
 
-    On CUDA the arrays are packed into a pinned buffer that is reused every step, so the copy
-    is asynchronous (``non_blocking``) and needs no allocation; an event recorded after the copy
-    guards the buffer against being refilled before the previous step's copy has left it. On
-    the CPU the packed array is used in place.
+    On CUDA the arrays are packed into a pinned buffer and copied asynchronously
+    (``non_blocking``), with no allocation once the buffers are large enough. The buffers form a
+    ring, one per step that can be in flight (overlapped steps) plus one: a buffer is refilled
+    only after the copy that last read it is done (an event recorded after that copy), and with
+    the ring that copy is ``depth`` steps old, so refilling never waits on a copy still queued
+    behind device work. On the CPU the packed array is used in place.
     """
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, depth: int = 4) -> None:
         self.device = torch.device(device)
-        self._pinned: torch.Tensor | None = None
-        self._copied: torch.cuda.Event | None = None
+        self._buffers: list[tuple[torch.Tensor, torch.cuda.Event] | None] = [None] * depth
+        self._next = 0
 
     def to_device(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         sizes = [len(a) for a in arrays]
@@ -113,18 +115,20 @@ class HostStager:
         if self.device.type != "cuda":
             flat = torch.from_numpy(np.concatenate(arrays).astype(np.int64, copy=False))
             return list(flat.to(self.device).split(sizes))
-        if self._pinned is None or self._pinned.numel() < total:
-            # The old buffer may still feed a copy: the caching host allocator keeps it alive
-            # until that copy is done.
-            size = max(total, 2 * (0 if self._pinned is None else self._pinned.numel()), 4096)
-            self._pinned = torch.empty(size, dtype=torch.int64, pin_memory=True)
-            self._copied = torch.cuda.Event()
+        slot = self._next
+        self._next = (slot + 1) % len(self._buffers)
+        entry = self._buffers[slot]
+        if entry is None or entry[0].numel() < total:
+            # A replaced buffer may still feed a copy: the caching host allocator keeps it
+            # alive until that copy is done.
+            size = max(total, 2 * (0 if entry is None else entry[0].numel()), 4096)
+            entry = (torch.empty(size, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
+            self._buffers[slot] = entry
         else:
-            assert self._copied is not None
-            self._copied.synchronize()  # normally long done: the last step ended with a sync
-        host = self._pinned[:total]
+            entry[1].synchronize()  # the copy that last read this buffer, steps ago: done
+        pinned, copied = entry
+        host = pinned[:total]
         np.concatenate(arrays, out=host.numpy(), casting="same_kind")
         flat = host.to(self.device, non_blocking=True)
-        assert self._copied is not None
-        self._copied.record()
+        copied.record()
         return list(flat.split(sizes))

@@ -43,6 +43,20 @@ def test_host_stager_round_trips_arrays_in_one_buffer() -> None:
     assert again[0][-1].item() == 9_999 and out[2].tolist() == [7, -1]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_stager_never_refills_a_buffer_a_queued_copy_still_reads() -> None:
+    """Copies queued behind a second of device work: more steps than the ring has buffers,
+    each with its own values, all arrive intact (a refill must wait for its buffer's copy)."""
+    stager = HostStager("cuda", depth=2)
+    for _ in range(2):  # allocate both pinned buffers first (allocation may synchronise)
+        stager.to_device([np.zeros(1000, np.int64)])
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    outs = [stager.to_device([np.full(1000, i, np.int64)])[0] for i in range(5)]
+    torch.cuda.synchronize()
+    assert [sorted(set(t.tolist())) for t in outs] == [[i] for i in range(5)]
+
+
 def _decode_batch(gen: torch.Generator, num_seqs: int, num_slots: int):
     """A decode step of ``num_seqs`` sequences with shuffled slots (new token last)."""
     from itertools import accumulate
