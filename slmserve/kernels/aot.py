@@ -110,9 +110,11 @@ def _recording(module: ModuleType, names: list[str], sink: list[Launch]) -> Iter
 
 
 def record_launches(variant: Variant) -> list[Launch]:
-    """Call the three wrappers as a mixed step would (a few tokens, small pool, int64 indices)
-    and return the kernel launches they issue, in order: store, decode partial/merge, extend."""
-    from slmserve.kernels import decode, extend, kv_store
+    """Call the wrappers as a mixed step would (a few tokens, small pool, int64 indices) and
+    return the kernel launches they issue, in order: store, decode partial/merge, extend, then
+    the fused element-wise kernels (add + RMSNorm, q/k norm + rotary, SiLU-and-mul) at the
+    variant's widths (hidden = heads x head_dim / 2 and MLP = 3 x hidden, as in Qwen3-0.6B)."""
+    from slmserve.kernels import decode, extend, fused, kv_store
 
     dt, hd = variant.dtype, variant.head_dim
     tokens, slots = 8, 64
@@ -130,6 +132,7 @@ def record_launches(variant: Variant) -> list[Launch]:
         _recording(kv_store, ["_store_kv_kernel"], sink),
         _recording(decode, ["_decode_partial_kernel", "_decode_merge_kernel"], sink),
         _recording(extend, ["_extend_kernel"], sink),
+        _recording(fused, ["_add_rms_norm_kernel", "_norm_rope_kernel", "_silu_mul_kernel"], sink),
     ):
         kv_store.store_kv(k, k.clone(), k_pool, v_pool, idx)
         decode.decode_attention(
@@ -140,6 +143,13 @@ def record_launches(variant: Variant) -> list[Launch]:
             q, k_pool, v_pool, out, seqs=seqs + 1, max_new=tokens - 1, cu_new=cu, cu_ctx=cu,
             context_slots=idx, scale=scale,
         )  # fmt: skip
+        hidden = variant.heads * hd // 2
+        h = torch.zeros(tokens, hidden, dtype=dt)
+        fused.add_rms_norm(h, torch.ones(hidden, dtype=dt), 1e-6, residual=h.clone())
+        cos = torch.zeros(tokens, hd, dtype=dt)
+        fused.norm_rope(q, torch.ones(hd, dtype=dt), 1e-6, cos, cos)
+        gate = torch.zeros(tokens, 3 * hidden, dtype=dt)
+        fused.silu_mul(gate, gate.clone())
     return sink
 
 

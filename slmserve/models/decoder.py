@@ -211,6 +211,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.attention = resolve_backend(attention, torch.device(device))
+        # The Triton path also fuses the element-wise ops (slmserve.kernels.fused).
+        self.fused = self.attention == "triton"
         with torch.device("meta"):
             self.model = Body(cfg)
             if not cfg.tie_word_embeddings:
@@ -235,23 +237,58 @@ class Decoder(nn.Module):
         cos, sin = rope.cos_sin(batch.positions, self.inv_freq, self.rope_scale, h.dtype)
         num_tokens = h.shape[0]
         last = len(self.model.layers) - 1
+        delta = None  # the last sublayer's output, not yet added to the residual stream ``h``
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            x, h = self._add_norm(delta, h, layer.input_layernorm)
             q = attn.q_proj(x).view(num_tokens, attn.num_heads, attn.head_dim)
             k = attn.k_proj(x).view(num_tokens, attn.num_kv_heads, attn.head_dim)
             v = attn.v_proj(x).view(num_tokens, attn.num_kv_heads, attn.head_dim)
-            if attn.qk_norm:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+            q = self._norm_rope(q, attn.q_norm if attn.qk_norm else None, cos, sin)
+            k = self._norm_rope(k, attn.k_norm if attn.qk_norm else None, cos, sin)
             write_kv(kv.k[i], kv.v[i], k, v, plan)
             o = attend(q, kv.k[i], kv.v[i], plan, attn.scale)
-            h = h + attn.o_proj(o.reshape(num_tokens, -1))
+            delta = attn.o_proj(o.reshape(num_tokens, -1))
             if i == last:
                 # Only the requested rows go on: the last MLP and the final norm are per token.
-                h = h[batch.logit_indices]
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.norm(h)
+                delta, h = delta[batch.logit_indices], h[batch.logit_indices]
+            x, h = self._add_norm(delta, h, layer.post_attention_layernorm)
+            delta = self._mlp(layer.mlp, x)
+        return self._add_norm(delta, h, self.model.norm)[0]
+
+    def _add_norm(
+        self, delta: torch.Tensor | None, h: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h += delta`` (when given), then ``norm(h)``: returns ``(normed, h)``."""
+        if self.fused:
+            from slmserve.kernels.fused import add_rms_norm
+
+            if delta is None:
+                return add_rms_norm(h, norm.weight, norm.eps)
+            return add_rms_norm(delta, norm.weight, norm.eps, residual=h)
+        if delta is not None:
+            h = h + delta
+        return norm(h), h
+
+    def _norm_rope(
+        self, x: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Qwen3's per-head q/k norm (when ``norm`` is given), then the rotary embedding."""
+        if self.fused:
+            from slmserve.kernels.fused import norm_rope
+
+            weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+            return norm_rope(x, weight, eps, cos, sin)
+        if norm is not None:
+            x = norm(x)
+        return rope.apply_rotary(x, cos, sin)
+
+    def _mlp(self, mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from slmserve.kernels.fused import silu_mul
+
+            return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+        return mlp(x)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:

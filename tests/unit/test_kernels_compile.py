@@ -24,7 +24,15 @@ from slmserve.kernels import triton_available
 from slmserve.kernels.aot import SHARED_LIMIT_SM90, VARIANTS
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNELS = ("_store_kv_kernel", "_decode_partial_kernel", "_decode_merge_kernel", "_extend_kernel")
+KERNELS = (
+    "_store_kv_kernel",
+    "_decode_partial_kernel",
+    "_decode_merge_kernel",
+    "_extend_kernel",
+    "_add_rms_norm_kernel",
+    "_norm_rope_kernel",
+    "_silu_mul_kernel",
+)
 # Known, reported bug: the fp32 (IEEE) extend kernel's 64x64 FMA dots make ptxas spill tens of
 # KB per thread (it allocates 32 registers) under triton 3.6 and 3.9. strict: fixing it fails
 # this marker, which must then go.
