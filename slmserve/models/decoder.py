@@ -139,6 +139,33 @@ def _layer_shapes(
     return tuple(shapes)
 
 
+@dataclass(frozen=True, slots=True)
+class MergedLinear:
+    """Several linear layers over the same input as one matrix (rows stacked)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    sizes: list[int]
+
+
+def _merge(linears: list[nn.Linear]) -> MergedLinear | None:
+    """Stack the weights (and biases) and make each layer's parameters views into the stack;
+    ``None`` (nothing changed) when only some of the layers have a bias."""
+    biases = [lin.bias for lin in linears if lin.bias is not None]
+    if biases and len(biases) != len(linears):
+        return None
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = torch.cat(biases) if biases else None
+    sizes = [lin.out_features for lin in linears]
+    start = 0
+    for lin, size in zip(linears, sizes):
+        lin.weight = nn.Parameter(weight[start : start + size], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start : start + size], requires_grad=False)
+        start += size
+    return MergedLinear(weight, bias, sizes)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, scaled after casting back (as transformers does)."""
 
@@ -167,6 +194,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.scale = d**-0.5
+        self.merged: MergedLinear | None = None  # set by Decoder.merge_projections
 
 
 class MLP(nn.Module):
@@ -175,6 +203,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.merged: MergedLinear | None = None  # set by Decoder.merge_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -241,9 +270,10 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             x, h = self._add_norm(delta, h, layer.input_layernorm)
-            q = attn.q_proj(x).view(num_tokens, attn.num_heads, attn.head_dim)
-            k = attn.k_proj(x).view(num_tokens, attn.num_kv_heads, attn.head_dim)
-            v = attn.v_proj(x).view(num_tokens, attn.num_kv_heads, attn.head_dim)
+            q, k, v = self._qkv(attn, x)
+            q = q.view(num_tokens, attn.num_heads, attn.head_dim)
+            k = k.view(num_tokens, attn.num_kv_heads, attn.head_dim)
+            v = v.view(num_tokens, attn.num_kv_heads, attn.head_dim)
             q = self._norm_rope(q, attn.q_norm if attn.qk_norm else None, cos, sin)
             k = self._norm_rope(k, attn.k_norm if attn.qk_norm else None, cos, sin)
             write_kv(kv.k[i], kv.v[i], k, v, plan)
@@ -283,12 +313,37 @@ class Decoder(nn.Module):
             x = norm(x)
         return rope.apply_rotary(x, cos, sin)
 
+    def _qkv(
+        self, attn: Attention, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        merged = attn.merged
+        if merged is not None:  # one matmul, three column views
+            q, k, v = F.linear(x, merged.weight, merged.bias).split(merged.sizes, dim=-1)
+            return q, k, v
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+
     def _mlp(self, mlp: MLP, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             from slmserve.kernels.fused import silu_mul
 
-            return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            merged = mlp.merged
+            if merged is not None:
+                gate, up = F.linear(x, merged.weight, merged.bias).split(merged.sizes, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            return mlp.down_proj(silu_mul(gate, up))
         return mlp(x)
+
+    def merge_projections(self) -> None:
+        """Store q/k/v and gate/up weights as one matrix each, the per-projection parameters
+        becoming views into it (no extra memory; ``state_dict`` unchanged), so a layer runs two
+        large matmuls instead of five: fewer launches and better GEMM shapes on a GPU. Done by
+        the loader on the Triton path only: on the CPU a merged matmul may round differently
+        from transformers' separate ones, and the CPU path is checked token for token."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.merged = _merge([attn.q_proj, attn.k_proj, attn.v_proj])
+            mlp.merged = _merge([mlp.gate_proj, mlp.up_proj])
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:

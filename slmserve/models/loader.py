@@ -197,6 +197,8 @@ def load_model(
     except RuntimeError as e:
         raise ValueError(f"weights in {str(path)!r} do not match its config.json: {e}") from None
     decoder.requires_grad_(False).eval()
+    if decoder.fused:
+        decoder.merge_projections()
 
     tokenizer = load_tokenizer(path)
     extra = cfg.get("slmserve") or {}

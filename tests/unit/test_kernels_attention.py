@@ -250,19 +250,33 @@ def _step_batch(step: list[tuple[list[int], list[int], int, int]]) -> ForwardBat
 
 @needs_triton
 @pytest.mark.skipif(CUDA, reason="the CPU interpreter check; CUDA runs the engine tests")
-def test_qwen3_logits_match_torch_path(qwen3_dir: Path) -> None:
-    """The tiny Qwen3 (q/k norms, GQA 2, head_dim 32) through the native decoder, every new
-    token's logits, with the Triton path under the interpreter and with the torch path."""
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "llama"])
+def test_logits_match_torch_path(kind: str, request: pytest.FixtureRequest) -> None:
+    """The tiny checkpoints (Qwen3: q/k norms; Qwen2: q/k/v biases; Llama: llama3 rope, untied
+    head) through the native decoder, every new token's logits, with the Triton path under the
+    interpreter (attention, fused element-wise kernels, merged projections) and the torch path."""
     from slmserve.cache.kv_pool import KVPool
     from slmserve.models.loader import load_model
 
-    logits = {}
+    path = request.getfixturevalue(f"{kind}_dir")
+    logits, states = {}, {}
     for attention in ("torch", "triton"):
-        backend = load_model(qwen3_dir, device="cpu", dtype="float32", attention=attention)
-        assert backend.decoder.attention == attention
+        backend = load_model(path, device="cpu", dtype="float32", attention=attention)
+        decoder = backend.decoder
+        assert decoder.attention == attention
+        layer = decoder.model.layers[0]
+        assert (layer.self_attn.merged is not None) == (attention == "triton")
+        assert (layer.mlp.merged is not None) == (attention == "triton")
+        if layer.self_attn.merged is not None:  # views, not copies: no memory added
+            storage = layer.self_attn.merged.weight.untyped_storage().data_ptr()
+            assert layer.self_attn.v_proj.weight.untyped_storage().data_ptr() == storage
+        states[attention] = decoder.state_dict()
         kv = KVPool(backend.info.kv_layout, 400, dtype=torch.float32)
         steps = _steps(torch.Generator().manual_seed(0))
         logits[attention] = [backend.logits(backend.forward(_step_batch(s), kv)) for s in steps]
+    # Merging keeps every parameter's name and value (they became views of the merged matrix).
+    assert states["torch"].keys() == states["triton"].keys()
+    assert all(torch.equal(states["torch"][k], states["triton"][k]) for k in states["torch"])
     for want, got in zip(logits["torch"], logits["triton"]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
