@@ -95,7 +95,8 @@ PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout -s INT -k 15 "$TESTS_LIMIT" \
     "$PY" -m pytest -q -rfEs -p no:cacheprovider \
     -p pytest_asyncio.plugin -p pytest_aiohttp.plugin -p _hypothesis_pytestplugin \
     -W default::UserWarning -W default::DeprecationWarning -W default::FutureWarning \
-    tests/unit/test_kernels_attention.py tests/unit/test_kernels_cuda_graphs.py \
+    tests/unit/test_kernels_attention.py tests/unit/test_kernels_fused.py \
+    tests/unit/test_kernels_cuda_graphs.py \
     tests/unit/test_decoder.py tests/integration/test_engine_cuda.py \
     tests/integration/test_engine_parity.py \
     2>&1 | tee "$LOG/tests.log"
