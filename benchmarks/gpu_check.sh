@@ -23,7 +23,7 @@ set -uo pipefail
 DRY=0
 if [[ ${1:-} == --dry-run ]]; then DRY=1; shift; fi
 LOG=${OUT:-${1:-benchmarks/out/gpu_check}}
-TESTS_LIMIT=${TESTS_LIMIT:-140}
+TESTS_LIMIT=${TESTS_LIMIT:-200}
 BENCH_LIMIT=${BENCH_LIMIT:-330}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1  # unbuffered logs, no progress bars
