@@ -93,6 +93,12 @@ def flatten(plan: StepPlan) -> HostBatch:
     return HostBatch(arrays, new_lens, ctx_lens, ranges)
 
 
+STAGING_BUFFERS = 4
+"""Pinned buffers in a :class:`HostStager` ring: more than the steps the engine keeps in flight
+(``slmserve.engine.engine.MAX_STEPS_IN_FLIGHT``), so the buffer being refilled always belongs
+to a step already collected."""
+
+
 class HostStager:
     """Moves a list of int64 arrays to the device with one copy.
 
@@ -104,7 +110,7 @@ class HostStager:
     behind device work. On the CPU the packed array is used in place.
     """
 
-    def __init__(self, device: torch.device | str, depth: int = 4) -> None:
+    def __init__(self, device: torch.device | str, depth: int = STAGING_BUFFERS) -> None:
         self.device = torch.device(device)
         self._buffers: list[tuple[torch.Tensor, torch.cuda.Event] | None] = [None] * depth
         self._next = 0

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from slmserve.config import DEFAULT_CPU_KV_TOKENS, EngineConfig
+from slmserve.engine.batch import STAGING_BUFFERS
 from slmserve.engine.core import CoreLimits, EngineCore, StepPlan
 from slmserve.engine.runner import LaunchedStep, ModelRunner, StepResult, StepTimes
 from slmserve.engine.sequence import Sequence as Seq
@@ -42,6 +43,7 @@ a third absorbs the host's uneven steps when it is nearly as slow as the device
 (`benchmarks/overlap.py` with a 5,000 items/s device: busy 62-79% of the time over five runs,
 67% in the one run with two), at the cost of one more step of latency for what arrives
 meanwhile."""
+assert MAX_STEPS_IN_FLIGHT < STAGING_BUFFERS, "a staging buffer must be free for every launch"
 
 
 class EngineClosedError(RuntimeError):

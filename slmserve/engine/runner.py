@@ -107,9 +107,10 @@ class ModelRunner:
 
         Full-vocabulary logits are computed only for rows someone reads in full: the last
         token of a generating request, prompt-logprob rows, and raw-logprob scoring rows.
-        Scoring with softmax reads just the label rows of the LM head. Nothing here copies
-        from pageable host memory (that would wait for the device): every index array goes
-        through the pinned stager.
+        Scoring with softmax reads just the label rows of the LM head. A scoring step copies
+        nothing from pageable host memory (that would wait for the device): its index arrays
+        all go through the pinned stager. (The sampler's few small per-row copies belong to
+        generation steps, which are never overlapped.)
         """
         import torch
 
