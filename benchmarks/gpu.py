@@ -303,6 +303,7 @@ def engine_config(path: Path, args: argparse.Namespace) -> EngineConfig:
         max_waiting_requests=1 << 16,
         cuda_graphs=not args.no_cuda_graphs,
         overlap=args.overlap,
+        backend_options={"attention": args.attention},
     )
 
 
@@ -512,6 +513,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kv-tokens", type=int, default=300_000)
     ap.add_argument("--max-batch-tokens", type=int, default=16_384)
     ap.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps")
+    ap.add_argument(
+        "--attention", choices=["auto", "triton", "torch"], default="auto",
+        help="the engine's attention path (torch: SDPA and unfused ops, no Triton kernels)",
+    )  # fmt: skip
     ap.add_argument(
         "--overlap", choices=["auto", "on", "off"], default="auto",
         help="overlapped scoring steps (EngineConfig.overlap; auto = on for CUDA)",
