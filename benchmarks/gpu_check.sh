@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # The whole GPU check of issue 10 as one command, sized for a 15-minute device lease: about
-# 6 minutes (5-7) expected on an H200, at most ~8.5 (tests 140 s + benchmark 330 s + ~15 s of
-# set-up, each part under its own time limit, so one hang cannot eat the lease). Run from the
-# repository root; on the device machine, with the wheels of benchmarks/gpu_wheels.sh carried
-# in `.whl/`:
+# 7 minutes (6-8) expected on an H200, at most ~10.5 (tests 200 s + kernels 90 s + benchmark
+# 330 s + ~15 s of set-up, each part under its own time limit, so one hang cannot eat the
+# lease). Run from the repository root; on the device machine, with the wheels of
+# benchmarks/gpu_wheels.sh carried in `.whl/`:
 #
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #
 # Parts, each logged (to $OUT, else to LOGDIR, else benchmarks/out/gpu_check) and timed:
-#   env    versions, nvidia-smi -L                                       -> env.log
-#   tests  the kernel, CUDA-graph, decoder and parity tests on the GPU    -> tests.log
-#   bench  python3 benchmarks/gpu.py (both models)                        -> gpu.log
-# A failing test does not stop the benchmark; the exit status is the first failing part's.
+#   env      versions, nvidia-smi -L                                      -> env.log
+#   tests    the kernel, CUDA-graph, decoder and engine tests on the GPU   -> tests.log
+#   kernels  python3 benchmarks/gpu_kernels.py (per-op times of a step)   -> kernels.log
+#   bench    python3 benchmarks/gpu.py (both models)                       -> gpu.log
+# A failing test does not stop the benchmarks; the exit status is the first failing part's.
 #
 # Usage: bash benchmarks/gpu_check.sh [--dry-run] [LOGDIR]
 #   --dry-run  on a machine without CUDA: the same steps, the benchmark as --smoke (checks the
 #              script itself; its figures mean nothing). Without it, no CUDA is an error.
-# Limits (seconds) can be changed through TESTS_LIMIT and BENCH_LIMIT; GPU_ARGS replaces the
-# benchmark's arguments (e.g. GPU_ARGS="--models qwen3-0.6b").
+# Limits (seconds) can be changed through TESTS_LIMIT, KERNELS_LIMIT and BENCH_LIMIT; GPU_ARGS
+# replaces the benchmark's arguments (e.g. GPU_ARGS="--models qwen3-0.6b").
 set -uo pipefail
 
 DRY=0
@@ -25,6 +26,7 @@ if [[ ${1:-} == --dry-run ]]; then DRY=1; shift; fi
 LOG=${OUT:-${1:-benchmarks/out/gpu_check}}
 TESTS_LIMIT=${TESTS_LIMIT:-200}
 BENCH_LIMIT=${BENCH_LIMIT:-330}
+KERNELS_LIMIT=${KERNELS_LIMIT:-90}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1  # unbuffered logs, no progress bars
 mkdir -p "$LOG"
@@ -101,6 +103,16 @@ PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout -s INT -k 15 "$TESTS_LIMIT" \
     tests/integration/test_engine_parity.py \
     2>&1 | tee "$LOG/tests.log"
 ended tests $? "$T0"
+
+# Per-op times of one scoring step (matmuls, attention tiles, fused element-wise kernels vs
+# the torch path): where the step's time goes, whatever the end-to-end figure below says.
+stamp "kernels (limit ${KERNELS_LIMIT} s)"
+T0=$SECONDS
+KERNEL_ARGS=$([[ $DRY == 1 ]] && echo --smoke || true)
+# shellcheck disable=SC2086  # KERNEL_ARGS is empty or one word
+timeout -s INT -k 15 "$KERNELS_LIMIT" "$PY" benchmarks/gpu_kernels.py $KERNEL_ARGS 2>&1 \
+    | tee "$LOG/kernels.log"
+ended kernels $? "$T0"
 
 stamp "bench (limit ${BENCH_LIMIT} s)"
 T0=$SECONDS

@@ -110,6 +110,7 @@ def extend_attention(
     cu_ctx: torch.Tensor,
     context_slots: torch.Tensor,
     scale: float,
+    tile: tuple[int, int, int] | None = None,
 ) -> None:
     """Causal attention of the new rows of sequences ``seqs``, written into ``out`` in place.
 
@@ -117,13 +118,16 @@ def extend_attention(
     :param seqs: ``[Be]`` batch indices (into ``cu_new``/``cu_ctx``) of the sequences to run.
     :param max_new: the most new tokens any of them has (host int: sizes the grid).
     :param context_slots: flat pool slots of every context, split by ``cu_ctx``.
+    :param tile: ``(block_m, block_n, num_warps)`` instead of the defaults (``BLOCK_M``,
+        ``BLOCK_N``, Triton's 4 warps); ``benchmarks/gpu_kernels.py`` compares them.
     """
     num_seqs = seqs.shape[0]
     if num_seqs == 0 or max_new == 0:
         return
+    block_m, block_n, num_warps = tile or (BLOCK_M, BLOCK_N, 4)
     heads, head_dim = q.shape[1], q.shape[2]
     group = heads // k_pool.shape[1]
-    grid = (num_seqs, heads, triton.cdiv(max_new, BLOCK_M))
+    grid = (num_seqs, heads, triton.cdiv(max_new, block_m))
     _extend_kernel[grid](
         q,
         k_pool,
@@ -144,9 +148,10 @@ def extend_attention(
         scale * LOG2E,
         GROUP=group,
         HEAD_DIM=head_dim,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(head_dim),
         IEEE=q.dtype == torch.float32,
         Q_F32=dot_in_f32(q.dtype),
+        num_warps=num_warps,
     )

@@ -107,3 +107,23 @@ def test_probe_grows_bursts_until_one_lasts_long_enough(capsys: pytest.CaptureFi
     sizes = [int(n) for n, _ in bursts]
     assert sizes[0] == 2 and sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
     assert float(bursts[-1][1]) >= args.probe_seconds > float(bursts[-2][1])
+
+
+@pytest.mark.slow
+def test_gpu_kernels_smoke_checks_every_tile_and_prints_the_model() -> None:
+    """``gpu_kernels.py --smoke`` runs every attention tile under the interpreter (each must
+    compute what the default does and what the torch path does) and prints both tables."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tiles = re.findall(
+        r"^\| (?:triton|tile) \| extend attention \((\d+), (\d+), (\d+)\) \|", proc.stdout, re.M
+    )
+    assert len(tiles) >= 4, proc.stdout
+    model = re.findall(r"^\| (triton|torch) \| [\d,]+ \| [\d,.]+ \| [\d,]+ \|$", proc.stdout, re.M)
+    assert model == ["triton", "torch"], proc.stdout
