@@ -49,9 +49,10 @@ def _extend_kernel(
     BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
     Q_F32: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
 ):
     i = tl.program_id(0)
-    h = tl.program_id(1)
+    hp = tl.program_id(1)
     mb = tl.program_id(2)
     seq = tl.load(Seqs + i)
     q_start = tl.load(CuNew + seq)
@@ -59,22 +60,26 @@ def _extend_kernel(
     if mb * BLOCK_M < n_new:
         c_start = tl.load(CuCtx + seq)
         prefix = tl.load(CuCtx + seq + 1) - c_start - n_new
-        kvh = h // GROUP
-        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        kvh = hp * HEADS_PER_PROGRAM // GROUP
+        # The program's rows: BLOCK_M new tokens for each of its HEADS_PER_PROGRAM query heads
+        # (stacked head by head), which all read the same KV head.
+        r = tl.arange(0, HEADS_PER_PROGRAM * BLOCK_M)
+        heads = hp * HEADS_PER_PROGRAM + r // BLOCK_M
+        rows = mb * BLOCK_M + r % BLOCK_M
         r_mask = rows < n_new
         d = tl.arange(0, BLOCK_D)
         d_mask = d < HEAD_DIM
         q = tl.load(
-            Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
+            Q + (q_start + rows)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
             mask=r_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
         if Q_F32:
             q = q.to(tl.float32)
         q_pos = prefix + rows  # the last context entry each row may see
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_sum = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m = tl.full([HEADS_PER_PROGRAM * BLOCK_M], float("-inf"), tl.float32)
+        l_sum = tl.zeros([HEADS_PER_PROGRAM * BLOCK_M], tl.float32)
+        acc = tl.zeros([HEADS_PER_PROGRAM * BLOCK_M, BLOCK_D], tl.float32)
         # Keys every row of the block sees (before its first row's diagonal): no causal mask.
         bulk = (prefix + mb * BLOCK_M + 1) // BLOCK_N * BLOCK_N
         end = prefix + tl.minimum((mb + 1) * BLOCK_M, n_new)
@@ -92,7 +97,7 @@ def _extend_kernel(
             )  # fmt: skip
         out = acc / l_sum[:, None]
         tl.store(
-            Out + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
+            Out + (q_start + rows)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
             out.to(Out.dtype.element_ty),
             mask=r_mask[:, None] & d_mask[None, :],
         )
@@ -111,6 +116,7 @@ def extend_attention(
     context_slots: torch.Tensor,
     scale: float,
     tile: tuple[int, int, int] | None = None,
+    pack_gqa: bool = False,
 ) -> None:
     """Causal attention of the new rows of sequences ``seqs``, written into ``out`` in place.
 
@@ -120,6 +126,10 @@ def extend_attention(
     :param context_slots: flat pool slots of every context, split by ``cu_ctx``.
     :param tile: ``(block_m, block_n, num_warps)`` instead of the defaults (``BLOCK_M``,
         ``BLOCK_N``, Triton's 4 warps); ``benchmarks/gpu_kernels.py`` compares them.
+    :param pack_gqa: one program per KV head instead of per query head, its rows the
+        ``block_m`` new tokens of each query head of the group, so every key and value block
+        is read once per group rather than once per query head (the group size must be a
+        power of two).
     """
     num_seqs = seqs.shape[0]
     if num_seqs == 0 or max_new == 0:
@@ -127,7 +137,10 @@ def extend_attention(
     block_m, block_n, num_warps = tile or (BLOCK_M, BLOCK_N, 4)
     heads, head_dim = q.shape[1], q.shape[2]
     group = heads // k_pool.shape[1]
-    grid = (num_seqs, heads, triton.cdiv(max_new, block_m))
+    per_program = group if pack_gqa else 1
+    if per_program & (per_program - 1):
+        raise ValueError(f"pack_gqa needs a power-of-two GQA group, not {group}")
+    grid = (num_seqs, heads // per_program, triton.cdiv(max_new, block_m))
     _extend_kernel[grid](
         q,
         k_pool,
@@ -153,5 +166,6 @@ def extend_attention(
         BLOCK_D=triton.next_power_of_2(head_dim),
         IEEE=q.dtype == torch.float32,
         Q_F32=dot_in_f32(q.dtype),
+        HEADS_PER_PROGRAM=per_program,
         num_warps=num_warps,
     )

@@ -114,6 +114,45 @@ def test_triton_attention_matches_torch_path(
 
 
 @needs_triton
+@settings(max_examples=10, deadline=None, derandomize=True, phases=[Phase.generate])
+@given(
+    shapes=st.lists(
+        st.tuples(st.sampled_from([0, 3, 64, 150]), st.sampled_from([2, 5, 33, 65])),
+        min_size=1,
+        max_size=3,
+    ),
+    group=st.sampled_from([1, 2, 4]),
+    tile=st.sampled_from([(16, 32, 4), (32, 64, 4), (16, 16, 2)]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 1000),
+)
+def test_extend_tiles_and_packed_gqa_match_torch_path(
+    shapes: list[tuple[int, int]],
+    group: int,
+    tile: tuple[int, int, int],
+    dtype: torch.dtype,
+    seed: int,
+) -> None:
+    """Other tiles, and one program per KV head (the group's query heads stacked as rows),
+    compute the same attention as the torch path."""
+    from slmserve.kernels.extend import extend_attention
+
+    batch = ragged_batch(shapes, 1024, torch.Generator().manual_seed(seed))
+    q, k_pool, v_pool = random_inputs(batch, 1024, group, 16, dtype, seed)
+    want = reference(q, k_pool, v_pool, batch, 0.25)
+    seqs = torch.arange(len(shapes), device=DEVICE)
+    for pack_gqa in (False, True):
+        out = torch.full_like(q, float("nan"))
+        extend_attention(
+            q, k_pool, v_pool, out, seqs=seqs, max_new=max(batch.new_lens), cu_new=batch.cu_new,
+            cu_ctx=batch.cu_ctx, context_slots=batch.context_slots, scale=0.25, tile=tile,
+            pack_gqa=pack_gqa,
+        )  # fmt: skip
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+
+
+@needs_triton
 @pytest.mark.parametrize("num_splits", [1, 4, 16])
 def test_decode_splits_and_empty_contexts(num_splits: int) -> None:
     """Split counts above and below the context lengths agree; an empty context (a CUDA-graph

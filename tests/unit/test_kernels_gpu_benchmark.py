@@ -122,8 +122,10 @@ def test_gpu_kernels_smoke_checks_every_tile_and_prints_the_model() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     tiles = re.findall(
-        r"^\| (?:triton|tile) \| extend attention \((\d+), (\d+), (\d+)\) \|", proc.stdout, re.M
+        r"^\| (?:triton|tile) \| extend attention (\d+)x(\d+), (\d) warps(, packed GQA)? \|",
+        proc.stdout,
+        re.M,
     )
-    assert len(tiles) >= 4, proc.stdout
+    assert len(tiles) >= 4 and any(packed for *_, packed in tiles), proc.stdout
     model = re.findall(r"^\| (triton|torch) \| [\d,]+ \| [\d,.]+ \| [\d,]+ \|$", proc.stdout, re.M)
     assert model == ["triton", "torch"], proc.stdout
