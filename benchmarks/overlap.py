@@ -82,7 +82,6 @@ def config(args: argparse.Namespace, overlap: str, device_rate: float | None) ->
         "max_running_requests": 256,
         "max_waiting_requests": 1 << 16,
         "overlap": overlap,
-        "gc_freeze": False,
     }
     if device_rate is None:  # the demo model, computed on the CPU
         return EngineConfig(device="cpu", dtype="float32", **common)

@@ -40,9 +40,9 @@ _T = TypeVar("_T")
 MAX_STEPS_IN_FLIGHT = 3
 """Launched, uncollected steps when overlapping. Two hide the host's work behind the device's;
 a third absorbs the host's uneven steps when it is nearly as slow as the device
-(`benchmarks/overlap.py` with a 5,000 items/s device: busy 62-79% of the time over five runs,
-67% in the one run with two), at the cost of one more step of latency for what arrives
-meanwhile."""
+(`benchmarks/overlap.py` with a 5,000 items/s device and the collector on: busy 62-79% of the
+time over five runs, 67% in the one run with two), at the cost of one more step of latency for
+what arrives meanwhile."""
 assert MAX_STEPS_IN_FLIGHT < STAGING_BUFFERS, "a staging buffer must be free for every launch"
 
 
