@@ -62,7 +62,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """CPU threads for torch's operators (``None``: torch's default, one per core). On small
     CPU hosts ``cores - 1`` leaves a core for the event loop."""
     gc_freeze: bool = True
-    """``gc.freeze()`` after start-up so long-lived objects never get scanned again."""
+    """``gc.freeze()`` after start-up so long-lived objects never get scanned again, and a
+    slower collector pace for what is allocated after (``engine.GC_THRESHOLDS``). Both are
+    process-wide settings of Python's garbage collector."""
     model_thread: bool = True
     """Run each step's forward pass in a worker thread, so the event loop (HTTP handlers that
     share it) stays responsive while the model computes. The engine process of ``slmserve

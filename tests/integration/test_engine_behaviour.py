@@ -179,3 +179,19 @@ async def test_shutdown_aborts_what_does_not_finish(qwen3_dir: Path) -> None:
     result = await collect(stream)
     assert result.finish_reason in ("abort", "length")
     assert result.finish_reason == "abort"
+
+
+async def test_gc_freeze_sets_the_collector_pace_and_off_leaves_it(qwen3_dir: Path) -> None:
+    import gc
+
+    from slmserve.engine.engine import GC_THRESHOLDS
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        async with Engine(EngineConfig(model=str(qwen3_dir), device="cpu", gc_freeze=False)):
+            assert gc.get_threshold() == (700, 10, 10)
+        async with Engine(EngineConfig(model=str(qwen3_dir), device="cpu")):
+            assert gc.get_threshold() == GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*before)
