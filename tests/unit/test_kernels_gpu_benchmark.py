@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from benchmark_scripts import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,15 +32,7 @@ def _args(**changes: object) -> argparse.Namespace:
 
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_prints_both_tables() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    out = run_benchmark("gpu.py", "--smoke")
     scoring = re.search(
         r"^\| smoke \| (\d+) \| (\d+) \| [\d.]+x \| (\d+) \| (\d+) \| (\d+) \| \d+% \| "
         r"([\d.]+) \|$",
@@ -113,19 +105,12 @@ def test_probe_grows_bursts_until_one_lasts_long_enough(capsys: pytest.CaptureFi
 def test_gpu_kernels_smoke_checks_every_tile_and_prints_the_model() -> None:
     """``gpu_kernels.py --smoke`` runs every attention tile under the interpreter (each must
     compute what the default does and what the torch path does) and prints both tables."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run_benchmark("gpu_kernels.py", "--smoke")
     tiles = re.findall(
         r"^\| (?:triton|tile) \| extend attention (\d+)x(\d+), (\d) warps(, packed GQA)? \|",
-        proc.stdout,
+        out,
         re.M,
     )
-    assert len(tiles) >= 4 and any(packed for *_, packed in tiles), proc.stdout
-    model = re.findall(r"^\| (triton|torch) \| [\d,]+ \| [\d,.]+ \| [\d,]+ \|$", proc.stdout, re.M)
-    assert model == ["triton", "torch"], proc.stdout
+    assert len(tiles) >= 4 and any(packed for *_, packed in tiles), out
+    model = re.findall(r"^\| (triton|torch) \| [\d,]+ \| [\d,.]+ \| [\d,]+ \|$", out, re.M)
+    assert model == ["triton", "torch"], out
