@@ -122,10 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     tokens, hid, heads, kvh, d, mlp = (
         batch.num_tokens, s["hidden"], s["heads"], s["kv_heads"], s["head_dim"], s["mlp"],
     )  # fmt: skip
-    rows: list[tuple[str, str, float, float, str]] = []  # (path, op, seconds, amount, unit)
+    # (path, op, seconds, amount, unit, times per layer)
+    rows: list[tuple[str, str, float, float, str, int]] = []
 
-    def row(path: str, op: str, fn: Callable[[], Any], amount: float, unit: str) -> None:
-        rows.append((path, op, bench(fn), amount, unit))
+    def row(
+        path: str, op: str, fn: Callable[[], Any], amount: float, unit: str, per_layer: int = 1
+    ) -> None:
+        rows.append((path, op, bench(fn), amount, unit, 0 if path == "tile" else per_layer))
 
     # --- matmuls: 2 FLOPs per weight per token
     x = rand(tokens, hid)
@@ -188,9 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     size = torch.tensor([], dtype=dtype).element_size()
     h, delta = rand(tokens, hid), rand(tokens, hid)
     norm = RMSNorm(hid, 1e-6).to(device, dtype)
+    # Two per layer: before attention and before the MLP.
     row("triton", "add + RMSNorm (fused)", lambda: add_rms_norm(delta, norm.weight, 1e-6, h),
-        4.0 * tokens * hid * size, "byte")  # fmt: skip
-    row("torch", "add, RMSNorm", lambda: norm(h + delta), 4.0 * tokens * hid * size, "byte")
+        4.0 * tokens * hid * size, "byte", per_layer=2)  # fmt: skip
+    row("torch", "add, RMSNorm", lambda: norm(h + delta), 4.0 * tokens * hid * size, "byte",
+        per_layer=2)  # fmt: skip
     positions = torch.arange(tokens, device=device) % 4096
     inv_freq = (1.0 / (1e6 ** (torch.arange(0, d, 2).float() / d))).to(device)
     cos, sin = rope.cos_sin(positions, inv_freq, 1.0, dtype)
@@ -217,15 +222,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n## per-op times, {tokens:,}-token scoring step, {where}, {dtype}\n")
     print("| path | op | µs | rate |")
     print("|---|---|---|---|")
-    for path, op, sec, amount, unit in rows:
+    for path, op, sec, amount, unit, _ in rows:
         rate = amount / sec / 1e12 if unit == "flop" else amount / sec / 1e9
         print(f"| {path} | {op} | {sec * 1e6:,.0f} | "
               f"{rate:,.1f} {'TFLOP/s' if unit == 'flop' else 'GB/s'} |")  # fmt: skip
     per_layer = {
-        p: sum(sec * (2 if "add + RMSNorm" in op or op == "add, RMSNorm" else 1)
-               for path, op, sec, _, _ in rows if path in (p, "both"))
+        p: sum(sec * n for path, _, sec, _, _, n in rows if path in (p, "both"))
         for p in ("triton", "torch")
-    }  # fmt: skip
+    }
     print("\n| path | modelled layer µs | step ms (x layers) | items/s, no host time |")
     print("|---|---|---|---|")
     for p, sec in per_layer.items():

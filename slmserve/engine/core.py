@@ -133,8 +133,8 @@ class EngineCore:
         """Schedule running requests oldest first; return the budget left for admissions."""
         budget = self.limits.max_batch_tokens
         wants: list[tuple[Sequence, int]] = []
-        running = [s for s in self.running.values() if s.rid not in busy] if busy else None
-        for seq in self.running.values() if running is None else running:
+        running = [s for s in self.running.values() if s.rid not in busy]
+        for seq in running:
             if budget <= 0:
                 break
             n = min(seq.num_pending, self.limits.chunked_prefill_size, budget)
@@ -150,8 +150,6 @@ class EngineCore:
             return budget
         # Memory is short: go request by request, evicting, then preempting the newest.
         budget = self.limits.max_batch_tokens
-        if running is None:
-            running = list(self.running.values())
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]

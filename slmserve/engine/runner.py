@@ -95,10 +95,6 @@ class ModelRunner:
                 time.perf_counter() - t0,
             )
 
-    def run(self, plan: StepPlan) -> StepResult:
-        """Launch the step and wait for its results."""
-        return self.collect(self.launch(plan))
-
     def launch(self, plan: StepPlan) -> LaunchedStep:
         """Worker thread: forward, logits where needed, sampling, and the device->host copies,
         without waiting for any of it. On CUDA this returns while the device still computes,
