@@ -75,10 +75,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     16, 32, ... up to ``max_running_requests``) and replay them; needs a backend that supports
     it (the native backend on its Triton attention path). No effect on the CPU."""
     overlap: Literal["auto", "on", "off"] = "auto"
-    """Plan and launch the next step while the device still runs this one, when every request
-    of this one ends with it (scoring): the host's bookkeeping then hides behind the device's
-    work instead of adding to it. ``auto``: on for CUDA, where launches are asynchronous; on
-    the CPU the forward pass is the launch, so there is nothing to hide."""
+    """Plan and launch the next step while the device still runs this one: the host's
+    bookkeeping then hides behind the device's work instead of adding to it. A decode in the
+    next step reads the token this one samples on the device; when that token ends its request
+    the decode is discarded. ``auto``: on for CUDA, where launches are asynchronous; on the CPU
+    the forward pass is the launch, so there is nothing to hide."""
 
     def replace(self, **changes: Any) -> EngineConfig:
         """A validated copy with ``changes`` applied."""

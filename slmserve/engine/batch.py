@@ -67,7 +67,10 @@ def flatten(plan: StepPlan) -> HostBatch:
 
     ids: list[int] = []
     for it in items:
-        ids.extend(it.seq.tokens[it.start : it.start + it.n])
+        if it.future:
+            ids.append(0)  # sampled by a step still in flight: the runner fills it in
+        else:
+            ids.extend(it.seq.tokens[it.start : it.start + it.n])
     starts = np.fromiter((it.start for it in items), np.int64, len(items))
     positions = np.arange(total, dtype=np.int64) - np.repeat(cu_new[:-1] - starts, new_lens)
     out_slots = np.concatenate([it.new_slots for it in items])

@@ -4,6 +4,14 @@ Pure Python + numpy, no torch and no asyncio, so the step logic is the same in t
 property tests and in the simulator. One step is ``plan_step`` (choose what runs and give it KV
 slots) followed by ``complete_step`` (account what ran, append sampled tokens, cache prefixes,
 finish requests). The async engine runs the model between the two.
+
+With ``EngineConfig.overlap`` the engine plans step N+1 before step N is collected. The core
+tracks what is in flight on each request (``Sequence.num_scheduled``, ``num_future``), so the
+next plan continues where the launched work ends: a prompt's next chunk, or a decode whose input
+token is the one step N samples (``ScheduledSeq.future``: still on the device; the runner reads
+it there). Slots freed while a step that writes them is in flight (an abort, a finish, an
+insert that found the prefix cached) can only be handed to a step launched after it, which the
+device runs after it.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ class ScheduledSeq:
     context: np.ndarray
     sample: bool
     """The chunk reaches the end of the sequence: read logits at its last token."""
+    future: bool = False
+    """The input token (``n == 1``) is sampled by a step still in flight: it is not in
+    ``seq.tokens`` yet, and the runner takes it from that step's output on the device."""
 
 
 @dataclass(slots=True)
@@ -51,9 +62,8 @@ class StepPlan:
     @property
     def closed(self) -> bool:
         """Every request of the step is a scoring (or cache-warming) request: no token it
-        produces feeds a later step, so the next step can be planned and launched before this
-        one's results are back. (A request whose prompt is only partly done here continues
-        once they are.)"""
+        produces feeds a later step, so nothing is lost by running further ahead of it (the
+        engine keeps more closed steps in flight than open ones)."""
         return all(it.seq.label_ids is not None for it in self.items)
 
 
@@ -119,21 +129,39 @@ class EngineCore:
 
     # ---------------------------------------------------------------- planning
 
-    def plan_step(self, now: float, busy: frozenset[str] = frozenset()) -> StepPlan:
-        """The next step. ``busy`` names running requests of a launched, closed step whose
-        results are not back yet: they are left out (they need nothing more) and their KV is
-        neither reused nor preempted."""
+    def plan_step(self, now: float, hold: frozenset[str] = frozenset()) -> StepPlan:
+        """The next step, continuing after any steps still in flight. Running requests named
+        in ``hold`` are left out (the engine holds back requests about to be aborted)."""
         plan = StepPlan(now)
-        budget = self._plan_running(plan, busy)
+        budget = self._plan_running(plan, hold)
         if budget > 0 and self.waiting and not plan.preempted:
-            self._admit(plan, budget, busy)
+            self._admit(plan, budget)
         return plan
 
-    def _plan_running(self, plan: StepPlan, busy: frozenset[str]) -> int:
+    def _continues(self, seq: Sequence) -> bool:
+        """Whether a request with work in flight can be given more: not if it needs a sampled
+        token still on the device and will finish on it (length limits), or its sampling reads
+        its output so far (penalties), which the host has not seen yet."""
+        if seq.num_future == 0:
+            return True
+        p = seq.params
+        return (
+            len(seq.output_ids) + seq.num_future < p.max_tokens
+            and len(seq.tokens) + seq.num_future < self.limits.max_model_len
+            and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0
+        )
+
+    def _plan_running(self, plan: StepPlan, hold: frozenset[str]) -> int:
         """Schedule running requests oldest first; return the budget left for admissions."""
         budget = self.limits.max_batch_tokens
         wants: list[tuple[Sequence, int]] = []
-        running = [s for s in self.running.values() if s.rid not in busy]
+        running = [
+            s
+            for s in self.running.values()
+            if s.num_pending > 0 and s.rid not in hold and (not s.in_flight or self._continues(s))
+        ]
         for seq in running:
             if budget <= 0:
                 break
@@ -148,7 +176,10 @@ class EngineCore:
                 self._schedule(plan, seq, n, slots[offset : offset + n])
                 offset += n
             return budget
-        # Memory is short: go request by request, evicting, then preempting the newest.
+        # Memory is short: go request by request, evicting, then preempting the newest. A
+        # request with work in flight is neither scheduled nor preempted here: it continues once
+        # that work is collected.
+        running = [s for s in running if not s.in_flight]
         budget = self.limits.max_batch_tokens
         i = 0
         while i < len(running) and budget > 0:
@@ -163,10 +194,14 @@ class EngineCore:
         return budget
 
     def _schedule(self, plan: StepPlan, seq: Sequence, n: int, slots: np.ndarray) -> None:
-        start = seq.num_computed
-        context = seq.context_slots(slots)
-        sample = start + n == len(seq.tokens)
-        plan.items.append(ScheduledSeq(seq, start, n, slots, context, sample))
+        start = seq.num_scheduled
+        context = seq.context_slots(slots, start)
+        sample = start + n == len(seq.tokens) + seq.num_future
+        future = start >= len(seq.tokens)
+        plan.items.append(ScheduledSeq(seq, start, n, slots, context, sample, future))
+        seq.num_scheduled = start + n
+        if sample and seq.label_ids is None and seq.params.max_tokens > 0:
+            seq.num_future += 1
 
     def _alloc_or_preempt(
         self, n: int, seq: Sequence, running: list[Sequence], plan: StepPlan
@@ -210,22 +245,18 @@ class EngineCore:
         computes its whole prompt (cached KV has no logits)."""
         return 0 if seq.prompt_logprobs is not None else len(seq.tokens) - 1
 
-    def _admit(self, plan: StepPlan, budget: int, busy: frozenset[str]) -> None:
+    def _admit(self, plan: StepPlan, budget: int) -> None:
         # Only requests whose radix path changed since last round are re-matched; the ones
         # actually admitted are matched afresh below either way.
         if self._tracker is not None:
             waiting = self.waiting
             for rid, length in self._tracker.refresh():
                 waiting[rid].sched.matched_len = length
-        # Slots the running requests still need: the rest of their prompt beyond this step's
-        # chunk, plus their next decode token. An admission must leave them free (or
-        # evictable), or a long prompt admitted on its first chunk alone would later preempt.
-        scheduled = {item.seq.rid: item.n for item in plan.items}
-        reserve = sum(
-            max(seq.num_pending - scheduled.get(seq.rid, 0), 0) + 1
-            for seq in self.running.values()
-            if seq.rid not in busy
-        )
+        # Slots the running requests still need: the rest of their prompt (beyond this step's
+        # chunk and what is in flight), plus the next decode token of those that generate. An
+        # admission must leave them free (or evictable), or a long prompt admitted on its first
+        # chunk alone would later preempt.
+        reserve = sum(seq.num_pending + (seq.label_ids is None) for seq in self.running.values())
         order = self.scheduler.order([s.sched for s in self.waiting.values()], plan.now)
         for view in order:
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
@@ -251,8 +282,8 @@ class EngineCore:
                 self._tracker.discard(seq.rid)
             seq.lock_node = match.node
             seq.tree_len = matched
-            seq.context_slots(match.slots[:matched])
-            seq.num_computed = matched
+            seq.context_slots(match.slots[:matched], 0)
+            seq.num_computed = seq.num_scheduled = matched
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = plan.now
             if not seq.output_ids:
@@ -289,6 +320,8 @@ class EngineCore:
             seq.sched.num_computed = seq.num_computed
             if item.n > 1 or not seq.output_ids:
                 self._cache_prefix(seq)
+            if item.sample and seq.num_future > 0:
+                seq.num_future -= 1
             if token is None or seq.params.max_tokens == 0:
                 continue
             seq.tokens.append(token)
@@ -317,9 +350,8 @@ class EngineCore:
         for item in plan.items:
             seq = item.seq
             if seq.status is Status.RUNNING:
-                # KV of this step was never written: forget the chunk, free its slots.
-                self.allocator.free(item.new_slots)
-                seq.num_computed = item.start
+                # KV of this step was never written: releasing frees its slots (and those of
+                # any later step in flight) and keeps only what was computed before.
                 seq.error = error
                 del self.running[seq.rid]
                 self._finish(seq, "error")
@@ -344,14 +376,17 @@ class EngineCore:
         seq.tree_len = n
 
     def _release(self, seq: Sequence) -> None:
-        """Give the tree everything computed, drop the lock; the request holds no KV after."""
+        """Give the tree everything computed, free the slots of work still in flight (only
+        steps launched later can reuse them), drop the lock; the request holds no KV after."""
         if seq.num_computed > seq.tree_len:
             self._cache_prefix(seq)
+        if seq.in_flight:
+            self.allocator.free(seq.scheduled_slots[seq.num_computed :].copy())
         if seq.lock_node is not None:
             self.cache.unlock(seq.lock_node)
         seq.lock_node = None
         seq.tree_len = 0
-        seq.num_computed = 0
+        seq.num_computed = seq.num_scheduled = seq.num_future = 0
         seq.sched.num_computed = 0
 
     def take_finished(self) -> list[str]:
@@ -373,8 +408,9 @@ class EngineCore:
     # ---------------------------------------------------------------- introspection
 
     def held_slots(self) -> np.ndarray:
-        """Slots privately held by running requests (for integrity checks)."""
-        parts = [s.slots[s.tree_len :] for s in self.running.values()]
+        """Slots privately held by running requests, in flight included (for integrity
+        checks)."""
+        parts = [s.scheduled_slots[s.tree_len :] for s in self.running.values()]
         return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
     def check_integrity(self) -> None:

@@ -45,6 +45,12 @@ time over five runs, 67% in the one run with two), at the cost of one more step 
 what arrives meanwhile."""
 assert MAX_STEPS_IN_FLIGHT < STAGING_BUFFERS, "a staging buffer must be free for every launch"
 
+OPEN_STEPS_IN_FLIGHT = 2
+"""The same limit while a step that generates is in flight. A request decodes the token such a
+step samples before the host has seen it, and when that token turns out to end the request
+(EOS, a stop string) the next step's work for it is wasted: one step ahead hides the host's
+work, and wastes at most one token per finished request."""
+
 GC_THRESHOLDS = (50_000, 20, 100)
 """The collector's pace once the engine has started (with ``gc_freeze``): a young collection
 every 50,000 allocations instead of Python's 700. Scoring allocates a few objects per item, and
@@ -524,23 +530,21 @@ class AsyncEngine:
                 )
 
     async def _steps(self, core: EngineCore) -> None:
-        """Plan, launch, collect, complete: one step at a time, or up to
-        :data:`MAX_STEPS_IN_FLIGHT` when :attr:`overlaps` and every step in flight is closed
-        (see :attr:`StepPlan.closed`).
+        """Plan, launch, collect, complete: one step at a time, or, when :attr:`overlaps`, up
+        to :data:`OPEN_STEPS_IN_FLIGHT` steps in flight (:data:`MAX_STEPS_IN_FLIGHT` while
+        every one is closed, see :attr:`StepPlan.closed`).
 
         With steps in flight the device has the next ones queued behind the current one while
         the host waits for, accounts and emits the current one's results, then plans another:
-        the host's per-step work no longer leaves the device idle.
+        the host's per-step work no longer leaves the device idle. The core plans each step to
+        continue after those in flight (a decode reads the token the step before samples, on
+        the device).
         """
         inflight: deque[tuple[StepPlan, LaunchedStep, float]] = deque()
         while True:
             busy = frozenset(it.seq.rid for p, _, _ in inflight for it in p.items)
             self._apply_aborts(busy)
-            if not inflight or (
-                self.overlaps
-                and len(inflight) < MAX_STEPS_IN_FLIGHT
-                and all(p.closed for p, _, _ in inflight)
-            ):
+            if not inflight or (self.overlaps and len(inflight) < _depth(inflight)):
                 if not inflight and not core.has_work():
                     self._idle.set()
                     self._wake.clear()
@@ -548,7 +552,8 @@ class AsyncEngine:
                     continue
                 self._idle.clear()
                 t0 = time.perf_counter()
-                plan = core.plan_step(time.monotonic(), busy)
+                # Requests whose abort waits for their steps get no more work meanwhile.
+                plan = core.plan_step(time.monotonic(), frozenset(self._aborts))
                 self.times.schedule += time.perf_counter() - t0
                 if plan.items:
                     try:
@@ -785,6 +790,12 @@ def check_prompt_length(ids: Sequence[int], limit: int, *, what: str) -> None:
             f"{what} has {len(ids)} tokens; the limit is {limit - 1} "
             f"(max_model_len {limit} leaves room for at least one output token)"
         )
+
+
+def _depth(inflight: deque[tuple[StepPlan, LaunchedStep, float]]) -> int:
+    """How many steps may be in flight, given those that are."""
+    closed = all(plan.closed for plan, _, _ in inflight)
+    return MAX_STEPS_IN_FLIGHT if closed else OPEN_STEPS_IN_FLIGHT
 
 
 async def _last(stream: RequestStream) -> RequestOutput:

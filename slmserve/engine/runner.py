@@ -59,6 +59,11 @@ class ModelRunner:
     :meth:`collect`, so the engine can launch the next step before collecting this one
     (``EngineConfig.overlap``). On CUDA, decode-only steps replay a captured graph when the
     backend supports it and ``cuda_graphs`` is on.
+
+    A step planned while the one before is in flight may decode a token that step samples
+    (``ScheduledSeq.future``): the runner keeps each generating request's latest sampled-token
+    tensor and row, and copies the token into the new batch's input ids on the device, so the
+    host never waits for it.
     """
 
     def __init__(
@@ -77,6 +82,8 @@ class ModelRunner:
         self.kv = kv
         self.times = times
         self.stager = HostStager(kv.device)
+        self.sampled: dict[str, tuple[Any, int]] = {}
+        """Request id -> (token tensor, row) of its latest sampled token not yet collected."""
         self.graphs: Any = None
         if (
             cuda_graphs
@@ -115,6 +122,7 @@ class ModelRunner:
         assert self.backend is not None
         t0 = time.perf_counter()
         host = flatten(plan)
+        futures = self._future_inputs(plan, host.arrays[3])
         gen, prompt_lp, raw_scores, label_scores = [], [], [], []
         for it, (first, count) in zip(plan.items, host.ranges):
             seq = it.seq
@@ -134,16 +142,22 @@ class ModelRunner:
         for entry in label_scores:
             groups.setdefault(entry[0].seq.label_ids, []).append(entry)
         extras = [np.asarray(rows, np.int64)]
+        for _, dst, src in futures:
+            extras += [np.asarray(dst, np.int64), np.asarray(src, np.int64)]
         if raw_scores:
             extras.append(np.asarray([it.seq.label_ids for it, _ in raw_scores], np.int64).ravel())
         for labels, entries in groups.items():
             extras += [np.asarray([r for _, r in entries], np.int64), np.asarray(labels, np.int64)]
         batch, (row_index, *indices) = host.to_device(self.stager, extras)
+        future_rows = [(indices.pop(0), indices.pop(0)) for _ in futures]
         raw_labels = indices.pop(0).view(len(raw_scores), -1) if raw_scores else None
         t1 = time.perf_counter()
         result = StepResult({})
         fetch = _Fetch()
+        tokens = None
         with torch.inference_mode():
+            for (source, _, _), (dst, src) in zip(futures, future_rows):
+                batch.input_ids.index_copy_(0, dst, source.index_select(0, src))
             if self.graphs is not None and self.graphs.fits(batch):
                 hidden = self.graphs.run(batch)
             else:
@@ -152,7 +166,9 @@ class ModelRunner:
             t2 = time.perf_counter()
             if gen:
                 assert logits is not None
-                self._sample([it for it, _ in gen], logits[: len(gen)], fetch, result)
+                tokens = self._sample([it for it, _ in gen], logits[: len(gen)], fetch, result)
+                for row, (it, _) in enumerate(gen):
+                    self.sampled[it.seq.rid] = (tokens, row)
             offset = len(gen)
             for it, _, count in prompt_lp:
                 self._prompt_logprobs(it, logits[offset : offset + count], fetch, result)
@@ -165,13 +181,36 @@ class ModelRunner:
             fetch.start(getattr(self.backend, "completion_marker", None), self.kv.device)
         self.times.batch += t1 - t0
         self.times.forward += t2 - t1
-        return LaunchedStep(result, fetch, t2)
+        return LaunchedStep(result, fetch, t2, tokens, [it.seq.rid for it, _ in gen])
 
     def collect(self, step: LaunchedStep) -> StepResult:
         """Wait for a launched step (its one synchronisation) and fill in its results."""
+        for rid in step.sampled_rids:  # the host has these tokens from now on
+            if self.sampled.get(rid, (None,))[0] is step.tokens:
+                del self.sampled[rid]
         step.fetch.finish()
         self.times.sample += time.perf_counter() - step.launched
         return step.result
+
+    def _future_inputs(
+        self, plan: StepPlan, cu_new: np.ndarray
+    ) -> list[tuple[Any, list[int], list[int]]]:
+        """For the plan's ``future`` items: per source token tensor, the rows of this batch's
+        input ids to fill and the rows of the source to fill them from."""
+        by_source: dict[int, tuple[Any, list[int], list[int]]] = {}
+        for i, it in enumerate(plan.items):
+            if not it.future:
+                continue
+            try:
+                source, row = self.sampled[it.seq.rid]
+            except KeyError:
+                raise RuntimeError(
+                    f"request {it.seq.rid!r} decodes a token no launched step samples"
+                ) from None
+            entry = by_source.setdefault(id(source), (source, [], []))
+            entry[1].append(int(cu_new[i]))
+            entry[2].append(row)
+        return list(by_source.values())
 
     def _label_scores(
         self,
@@ -203,8 +242,9 @@ class ModelRunner:
         fetch.add(flat, then=store)
 
     @staticmethod
-    def _sample(items: list[Any], logits: Any, fetch: _Fetch, result: StepResult) -> None:
-        """Sample one token per generating request; ``logits`` rows follow ``items``."""
+    def _sample(items: list[Any], logits: Any, fetch: _Fetch, result: StepResult) -> Any:
+        """Sample one token per generating request; ``logits`` rows follow ``items``. Returns
+        the sampled token ids (on the device)."""
         from slmserve.engine.sampler import SamplingBatch, sample
 
         seqs = [it.seq for it in items]
@@ -213,7 +253,8 @@ class ModelRunner:
             [s.output_ids for s in seqs],
             # Prompt ids matter only for the repetition penalty.
             [s.tokens[: s.num_prompt] if s.params.repetition_penalty != 1.0 else [] for s in seqs],
-            [len(s.output_ids) for s in seqs],
+            # The index of the token sampled (its seeded noise): tokens still in flight count.
+            [it.start + it.n - it.seq.num_prompt for it in items],
             logits.device,
             logits.shape[-1],
         )
@@ -225,6 +266,7 @@ class ModelRunner:
                 ModelRunner._collect_logprobs(seqs, list(host), result)
 
         fetch.add(res.token_ids, res.logprobs, res.top_ids, res.top_logprobs, then=store)
+        return res.token_ids
 
     @staticmethod
     def _collect_logprobs(seqs: list[Seq], host: list[Any], result: StepResult) -> None:
@@ -276,6 +318,9 @@ class LaunchedStep:
     result: StepResult
     fetch: _Fetch
     launched: float
+    tokens: Any
+    """The step's sampled token ids on the device (``None`` if it samples none)."""
+    sampled_rids: list[str]
 
 
 class _Fetch:

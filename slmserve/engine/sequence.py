@@ -24,9 +24,14 @@ class Sequence:
 
     ``tokens`` is the prompt followed by the generated tokens. The KV of ``tokens[:num_computed]``
     lives at ``slots[:num_computed]``; the first ``tree_len`` of those slots belong to the radix
-    tree (pinned by ``lock_node``), the rest are private to this request. ``len(tokens) -
-    num_computed`` tokens are pending: the whole uncached prompt before prefill, one token while
-    decoding.
+    tree (pinned by ``lock_node``), the rest are private to this request.
+
+    With steps in flight (``EngineConfig.overlap``) the engine runs ahead of what it has
+    collected: ``num_scheduled >= num_computed`` tokens have their KV computed or launched (the
+    slots between the two are private and being written), and ``num_future`` sampled tokens are
+    still on the device, not yet in ``tokens``. So the request is ``len(tokens) + num_future``
+    tokens long, of which ``num_pending`` still need a step: the whole uncached prompt before
+    prefill, one token while decoding, none while its next token is being computed.
     """
 
     __slots__ = (
@@ -44,7 +49,9 @@ class Sequence:
         "logprobs",
         "num_cached_tokens",
         "num_computed",
+        "num_future",
         "num_prompt",
+        "num_scheduled",
         "output_ids",
         "params",
         "prompt_logprobs",
@@ -82,6 +89,8 @@ class Sequence:
         self.output_ids: list[int] = []
         self.status = Status.WAITING
         self.num_computed = 0
+        self.num_scheduled = 0
+        self.num_future = 0
         self.tree_len = 0
         self.lock_node: RadixNode | None = None
         self._slot_buf = np.empty(max(16, len(prompt_ids) + min(params.max_tokens, 64)), np.int64)
@@ -109,16 +118,27 @@ class Sequence:
 
     @property
     def num_pending(self) -> int:
-        return len(self.tokens) - self.num_computed
+        return len(self.tokens) + self.num_future - self.num_scheduled
+
+    @property
+    def in_flight(self) -> bool:
+        """Part of a launched step whose results are not collected yet."""
+        return self.num_scheduled > self.num_computed
 
     @property
     def slots(self) -> np.ndarray:
         """Slots of the computed context (a view)."""
         return self._slot_buf[: self.num_computed]
 
-    def context_slots(self, new_slots: np.ndarray) -> np.ndarray:
-        """Write ``new_slots`` after the computed context and return the whole context (a view)."""
-        start, end = self.num_computed, self.num_computed + len(new_slots)
+    @property
+    def scheduled_slots(self) -> np.ndarray:
+        """Slots of the computed and the in-flight context (a view)."""
+        return self._slot_buf[: self.num_scheduled]
+
+    def context_slots(self, new_slots: np.ndarray, start: int) -> np.ndarray:
+        """Write ``new_slots`` after the first ``start`` slots and return the whole context (a
+        view)."""
+        end = start + len(new_slots)
         if end > len(self._slot_buf):
             grown = np.empty(max(end, 2 * len(self._slot_buf)), np.int64)
             grown[:start] = self._slot_buf[:start]
