@@ -519,7 +519,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     ap.add_argument(
         "--overlap", choices=["auto", "on", "off"], default="auto",
-        help="overlapped scoring steps (EngineConfig.overlap; auto = on for CUDA)",
+        help="overlapped steps (EngineConfig.overlap; auto = on for CUDA)",
     )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

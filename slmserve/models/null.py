@@ -5,9 +5,10 @@ scheduler, sampling over a real vocabulary, detokenization, streaming — and re
 forward pass with a constant-time stand-in: the logit row of each position puts all mass on
 ``(input token + 1) mod vocab``, so greedy decoding counts upwards. Never use it to serve.
 
-``device_seconds_per_token`` makes it stand in for an asynchronous accelerator as well: each
-forward returns at once but "occupies the device" for that long per token, in launch order, and
-the runner's wait for a step's results sleeps until the device would be done. That is how the
+``device_seconds_per_token`` (and ``device_seconds_per_step``, a fixed cost per forward, as a
+decode step's weight reads and launches) make it stand in for an asynchronous accelerator as
+well: each forward returns at once but "occupies the device" for that long, in launch order,
+and the runner's wait for a step's results sleeps until the device would be done. That is how the
 overlap of host work with device work (``EngineConfig.overlap``) is measured without a GPU.
 """
 
@@ -34,15 +35,23 @@ class NullBackend(ModelBackend):
     name = "null"
 
     def __init__(
-        self, tokenizer: Any, *, max_len: int = 32768, device_seconds_per_token: float = 0.0
+        self,
+        tokenizer: Any,
+        *,
+        max_len: int = 32768,
+        device_seconds_per_token: float = 0.0,
+        device_seconds_per_step: float = 0.0,
     ) -> None:
         import torch
 
-        if device_seconds_per_token < 0:
-            raise ValueError(
-                f"device_seconds_per_token must be >= 0, not {device_seconds_per_token}"
-            )
+        for name, value in [
+            ("device_seconds_per_token", device_seconds_per_token),
+            ("device_seconds_per_step", device_seconds_per_step),
+        ]:
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, not {value}")
         self.device_seconds_per_token = float(device_seconds_per_token)
+        self.device_seconds_per_step = float(device_seconds_per_step)
         self._device_free_at = 0.0
 
         self.tokenizer = tokenizer
@@ -63,9 +72,10 @@ class NullBackend(ModelBackend):
         self._eye = torch.arange(vocab)
 
     def forward(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
-        if self.device_seconds_per_token:
+        if self.device_seconds_per_token or self.device_seconds_per_step:
             start = max(time.perf_counter(), self._device_free_at)
-            cost = batch.input_ids.shape[0] * self.device_seconds_per_token
+            cost = self.device_seconds_per_step
+            cost += batch.input_ids.shape[0] * self.device_seconds_per_token
             self._device_free_at = start + cost
         # "Hidden state" = the input token id at each requested position.
         return batch.input_ids.index_select(0, batch.logit_indices).unsqueeze(1)

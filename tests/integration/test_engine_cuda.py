@@ -1,4 +1,4 @@
-"""The engine on CUDA (Triton attention, CUDA graphs, overlapped scoring steps) against
+"""The engine on CUDA (Triton attention, CUDA graphs, overlapped steps) against
 transformers: greedy tokens and label scores. Skipped without a CUDA device; these are the
 engine-level checks a GPU session runs (benchmarks/gpu_check.sh)."""
 
@@ -145,3 +145,58 @@ def test_a_scoring_step_launches_without_waiting_for_the_device(qwen3_dir: Path)
     assert busy.query()
     assert sorted(result.scores) == [f"r{100 + i}" for i in range(4)]
     assert all(sum(row) == pytest.approx(1.0, abs=1e-3) for row in result.scores.values())
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_generation_steps_launch_ahead_without_waiting_for_the_device(
+    qwen3_dir: Path, cuda_graphs: bool
+) -> None:
+    """What overlapped generation rests on: a prefill-and-sample step and the decode step
+    planned after it (its input token still on the device) both launch while the device is
+    busy with earlier work, and give the tokens of steps run one at a time."""
+    from slmserve.cache.kv_pool import KVPool
+    from slmserve.engine.core import CoreLimits, EngineCore
+    from slmserve.engine.runner import ModelRunner, StepTimes
+    from slmserve.engine.sequence import Sequence
+    from slmserve.models.loader import load_model
+    from slmserve.schedulers.fcfs import FCFS
+
+    backend = load_model(qwen3_dir, device="cuda", dtype="float32")
+    kinds = [
+        SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=3, logprobs=2),
+    ]
+
+    def run(ahead: bool) -> list[list[int]]:
+        kv = KVPool(backend.info.kv_layout, 2048, dtype=torch.float32, device="cuda")
+        core = EngineCore(kv.allocator, FCFS(), CoreLimits(512, 512, 64, 2048))
+        runner = ModelRunner(backend, kv, StepTimes(), cuda_graphs=cuda_graphs, max_batch=16)
+        seqs = [
+            Sequence(f"g{i}", [40 + i] * (5 + i), kinds[i % 2], arrival_time=0.0,
+                     client_id="c", eos_ids=frozenset())
+            for i in range(6)
+        ]  # fmt: skip
+        for seq in seqs:
+            core.add(seq, 0.0)
+        inflight = []
+        while core.has_work() or inflight:
+            if not inflight or (ahead and len(inflight) < 2):
+                plan = core.plan_step(0.0)
+                if plan.items:
+                    torch.cuda.synchronize()
+                    torch.cuda._sleep(200_000_000)  # device time ahead of the launch
+                    busy = torch.cuda.Event()
+                    busy.record()
+                    inflight.append((plan, runner.launch(plan)))
+                    assert not busy.query(), "launch waited for the device"
+                    continue
+            plan, launched = inflight.pop(0)
+            core.complete_step(plan, runner.collect(launched).sampled)
+            for item in plan.items:
+                seq = item.seq
+                if item.sample and seq in core.running.values() and core.stop_reason(seq):
+                    core.finish(seq, "length")
+        core.check_integrity()
+        return [seq.output_ids for seq in seqs]
+
+    assert run(ahead=True) == run(ahead=False)
