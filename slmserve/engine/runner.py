@@ -110,10 +110,10 @@ class ModelRunner:
 
         Full-vocabulary logits are computed only for rows someone reads in full: the last
         token of a generating request, prompt-logprob rows, and raw-logprob scoring rows.
-        Scoring with softmax reads just the label rows of the LM head. A scoring step copies
-        nothing from pageable host memory (that would wait for the device): its index arrays
-        all go through the pinned stager. (The sampler's few small per-row copies belong to
-        generation steps, which are never overlapped.)
+        Scoring with softmax reads just the label rows of the LM head. A step copies nothing
+        from pageable host memory (that may wait for the device): its index arrays all go
+        through the pinned stager, and the sampler's few small per-row tensors through pinned
+        memory too (:func:`~slmserve.engine.sampler.to_device`).
         """
         import torch
 
@@ -167,8 +167,6 @@ class ModelRunner:
             if gen:
                 assert logits is not None
                 tokens = self._sample([it for it, _ in gen], logits[: len(gen)], fetch, result)
-                for row, (it, _) in enumerate(gen):
-                    self.sampled[it.seq.rid] = (tokens, row)
             offset = len(gen)
             for it, _, count in prompt_lp:
                 self._prompt_logprobs(it, logits[offset : offset + count], fetch, result)
@@ -181,6 +179,8 @@ class ModelRunner:
             fetch.start(getattr(self.backend, "completion_marker", None), self.kv.device)
         self.times.batch += t1 - t0
         self.times.forward += t2 - t1
+        for row, (it, _) in enumerate(gen):  # once the whole launch has succeeded
+            self.sampled[it.seq.rid] = (tokens, row)
         return LaunchedStep(result, fetch, t2, tokens, [it.seq.rid for it, _ in gen])
 
     def collect(self, step: LaunchedStep) -> StepResult:
@@ -284,7 +284,7 @@ class ModelRunner:
     def _prompt_logprobs(it: Any, logits: Any, fetch: _Fetch, result: StepResult) -> None:
         import torch
 
-        from slmserve.engine.sampler import prompt_logprobs
+        from slmserve.engine.sampler import prompt_logprobs, to_device
 
         seq = it.seq
         # Row j scores token start + j + 1; keep rows whose next token is still prompt.
@@ -293,7 +293,7 @@ class ModelRunner:
         if count == 0:
             return
         next_ids = seq.tokens[it.start + 1 : it.start + 1 + count]
-        nxt = torch.tensor(next_ids).to(logits.device, non_blocking=True)
+        nxt = to_device(torch.tensor(next_ids), logits.device)
         k = seq.params.prompt_logprobs or 0
 
         def store(chosen: Any, top_ids: Any, top_lps: Any) -> None:

@@ -33,6 +33,16 @@ _MASK64 = (1 << 64) - 1
 _INF = float("inf")
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without waiting for the device: on CUDA through
+    pinned memory (torch's caching host allocator), since a copy from pageable memory may wait
+    for the work already queued, which would stall an overlapped launch (EngineConfig.overlap).
+    """
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _i64(x: int) -> int:
     """Reinterpret the low 64 bits of ``x`` as a signed int64 (torch has no uint64 arithmetic)."""
     x &= _MASK64
@@ -169,7 +179,7 @@ class SamplingBatch:
         dev = torch.device(device)
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+            return to_device(torch.tensor(values, dtype=dtype), dev)
 
         greedy = [p.greedy or p.temperature < _MIN_TEMPERATURE for p in params]
         temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
@@ -182,10 +192,13 @@ class SamplingBatch:
             # Unseeded rows: 62 random bits; seeded ones hash the user's int mod 2**64.
             fresh = torch.randint(0, 1 << 62, (len(sp),), dtype=torch.int64).tolist()
             seeds = [f if p.seed is None else _i64(p.seed) for p, f in zip(sp, fresh)]
-            keys = row_keys(
-                torch.tensor(seeds, dtype=torch.int64),
-                torch.tensor([steps[i] for i in sampled], dtype=torch.int64),
-            ).to(dev, non_blocking=True)
+            keys = to_device(
+                row_keys(
+                    torch.tensor(seeds, dtype=torch.int64),
+                    torch.tensor([steps[i] for i in sampled], dtype=torch.int64),
+                ),
+                dev,
+            )
             if any(0 < p.top_k < vocab_size for p in sp):
                 ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in sp]
                 top_k, max_top_k = tensor(ks, torch.int64), max(ks)
@@ -193,7 +206,7 @@ class SamplingBatch:
                 top_p = tensor([p.top_p if p.top_p < 1.0 else _INF for p in sp], torch.float32)
             if any(p.min_p > 0.0 for p in sp):
                 log_min_p = torch.tensor([p.min_p for p in sp], dtype=torch.float32).log()
-                log_min_p = log_min_p.to(dev, non_blocking=True)
+                log_min_p = to_device(log_min_p, dev)
 
         # Occurrence tables list only the rows that use them (the others stay all-zero),
         # which keeps this per-step Python work proportional to the penalised rows.
@@ -247,7 +260,8 @@ def _occurrences(
     rows = torch.repeat_interleave(torch.arange(len(ids)), lengths)
     counts = torch.zeros(len(ids), vocab_size, dtype=torch.float32, device=device)
     ones = torch.ones(flat.numel(), dtype=torch.float32, device=device)
-    return counts.index_put_((rows.to(device), flat.to(device)), ones, accumulate=True)
+    index = (to_device(rows, device), to_device(flat, device))
+    return counts.index_put_(index, ones, accumulate=True)
 
 
 def _apply_penalties(x: torch.Tensor, b: SamplingBatch) -> torch.Tensor:

@@ -162,17 +162,20 @@ def test_generation_steps_launch_ahead_without_waiting_for_the_device(
     from slmserve.schedulers.fcfs import FCFS
 
     backend = load_model(qwen3_dir, device="cuda", dtype="float32")
-    kinds = [
+    kinds = [  # every per-row tensor the sampler builds, and prompt logprobs
         SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
-        SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=3, logprobs=2),
-    ]
+        SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, top_k=20, min_p=0.01, seed=3,
+                       logprobs=2),
+        SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=1.3,
+                       frequency_penalty=0.2, prompt_logprobs=1),
+    ]  # fmt: skip
 
     def run(ahead: bool) -> list[list[int]]:
         kv = KVPool(backend.info.kv_layout, 2048, dtype=torch.float32, device="cuda")
         core = EngineCore(kv.allocator, FCFS(), CoreLimits(512, 512, 64, 2048))
         runner = ModelRunner(backend, kv, StepTimes(), cuda_graphs=cuda_graphs, max_batch=16)
         seqs = [
-            Sequence(f"g{i}", [40 + i] * (5 + i), kinds[i % 2], arrival_time=0.0,
+            Sequence(f"g{i}", [40 + i] * (5 + i), kinds[i % 3], arrival_time=0.0,
                      client_id="c", eos_ids=frozenset())
             for i in range(6)
         ]  # fmt: skip
