@@ -352,8 +352,8 @@ async def _engine_run(path: Path, spec: Any, reqs: list[Any], timed: list) -> li
         plan_step, on_step = core.plan_step, sched.on_step
         current: list[Any] = []
 
-        def timed_plan(now: float, busy: frozenset[str] = frozenset()) -> Any:
-            plan = plan_step(now, busy)
+        def timed_plan(now: float, hold: frozenset[str] = frozenset()) -> Any:
+            plan = plan_step(now, hold)
             current[:] = [_time.perf_counter(), plan]
             return plan
 

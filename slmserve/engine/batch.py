@@ -57,11 +57,12 @@ def flatten(plan: StepPlan) -> HostBatch:
     every prompt position of requests that asked for prompt log-probabilities.
     """
     items = plan.items
+    n_items = len(items)
     new_lens = [it.n for it in items]
     ctx_lens = [len(it.context) for it in items]
-    cu_new = np.zeros(len(items) + 1, np.int64)
+    cu_new = np.zeros(n_items + 1, np.int64)
     np.cumsum(new_lens, out=cu_new[1:])
-    cu_ctx = np.zeros(len(items) + 1, np.int64)
+    cu_ctx = np.zeros(n_items + 1, np.int64)
     np.cumsum(ctx_lens, out=cu_ctx[1:])
     total = int(cu_new[-1])
 
@@ -71,26 +72,25 @@ def flatten(plan: StepPlan) -> HostBatch:
             ids.append(0)  # sampled by a step still in flight: the runner fills it in
         else:
             ids.extend(it.seq.tokens[it.start : it.start + it.n])
-    starts = np.fromiter((it.start for it in items), np.int64, len(items))
+    starts = np.fromiter((it.start for it in items), np.int64, n_items)
     positions = np.arange(total, dtype=np.int64) - np.repeat(cu_new[:-1] - starts, new_lens)
     out_slots = np.concatenate([it.new_slots for it in items])
     context = np.concatenate([it.context for it in items])
 
-    logit_rows: list[np.ndarray] = []
-    ranges: list[tuple[int, int]] = []
-    num_rows = 0
-    for i, it in enumerate(items):
-        if it.seq.prompt_logprobs is not None and it.start < it.seq.num_prompt:
-            # Logits at every prompt token of the chunk (they score the next prompt token).
-            rows = np.arange(cu_new[i], cu_new[i + 1], dtype=np.int64)
-        elif it.sample:
-            rows = cu_new[i + 1 : i + 2] - 1
-        else:
-            rows = cu_new[:0]
-        logit_rows.append(rows)
-        ranges.append((num_rows, len(rows)))
-        num_rows += len(rows)
-    logit_indices = np.concatenate(logit_rows) if logit_rows else np.empty(0, np.int64)
+    # Logit rows, without a numpy call per item: every token of a prompt-logprob chunk, the
+    # last token of a chunk that samples.
+    wants_all = np.fromiter(
+        (it.seq.prompt_logprobs is not None and it.start < it.seq.num_prompt for it in items),
+        bool,
+        n_items,
+    )
+    samples = np.fromiter((it.sample for it in items), bool, n_items)
+    is_row = np.repeat(wants_all, new_lens)
+    is_row[cu_new[1:][samples] - 1] = True
+    logit_indices = np.flatnonzero(is_row).astype(np.int64, copy=False)
+    counts = np.where(wants_all, cu_new[1:] - cu_new[:-1], samples)
+    firsts = np.cumsum(counts) - counts
+    ranges = list(zip(firsts.tolist(), counts.tolist()))
     arrays = [np.asarray(ids, np.int64), positions, out_slots, cu_new, context, cu_ctx]
     arrays.append(logit_indices)
     return HostBatch(arrays, new_lens, ctx_lens, ranges)

@@ -50,9 +50,9 @@ class StepTimer:
         plan_step, on_step = core.plan_step, scheduler.on_step
         current: list[Any] = []
 
-        def timed_plan(now: float, busy: frozenset[str] = frozenset()) -> Any:
+        def timed_plan(now: float, hold: frozenset[str] = frozenset()) -> Any:
             t0 = time.perf_counter()
-            plan = plan_step(now, busy)
+            plan = plan_step(now, hold)
             current[:] = [t0, plan]
             return plan
 
