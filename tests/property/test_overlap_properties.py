@@ -4,11 +4,11 @@ The engine loop is replayed here against an emulated device: a KV pool of token 
 launched step writes in launch order, and a "model" whose next token is a hash of the whole
 context it reads through the step's context slots. A request whose input token is still on
 the device (``ScheduledSeq.future``) gets it from the device's own record of what the step
-before sampled, as the runner does. With one step in flight at planning time (the engine's
-rule for steps that generate) every request must produce exactly the tokens of the one-step-
-at-a-time loop, every context must read back the request's own tokens, and the slot
-accounting must hold after every step: through chunked prefill, shared prefixes, EOS in the
-middle of a continued decode, eviction and preemption.
+before sampled, as the runner does. With one or two steps in flight at planning time every
+request must produce exactly the tokens of the one-step-at-a-time loop, every context must
+read back the request's own tokens, and the slot accounting must hold after every step:
+through chunked prefill, shared prefixes, EOS in the middle of a continued decode, eviction
+and preemption.
 """
 
 from __future__ import annotations
