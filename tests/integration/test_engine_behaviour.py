@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from engine_checks import assert_clean
 
 from slmserve import Engine, EngineConfig, SamplingParams
 from slmserve.engine import EngineClosedError, collect
@@ -13,16 +14,6 @@ from slmserve.engine import EngineClosedError, collect
 
 def _engine(path: Path, **kw: object) -> Engine:
     return Engine(EngineConfig(model=str(path), device="cpu", dtype="float32", **kw))  # type: ignore[arg-type]
-
-
-def _assert_clean(engine: Engine) -> None:
-    """Nothing running, nothing locked, every slot either free or in the tree."""
-    core = engine.core
-    assert core is not None
-    core.check_integrity()
-    assert not core.running and not core.waiting
-    assert core.cache.protected_size == 0
-    assert engine.kv.allocator.num_free + core.cache.total_size == engine.kv.num_slots
 
 
 async def test_seeded_sampling_is_reproducible_across_batches(qwen3_dir: Path) -> None:
@@ -38,7 +29,7 @@ async def test_seeded_sampling_is_reproducible_across_batches(qwen3_dir: Path) -
         other_seed = await collect(
             engine.submit("abc", SamplingParams(max_tokens=10, seed=99, ignore_eos=True))
         )
-        _assert_clean(engine)
+        assert_clean(engine)
     assert alone.token_ids == crowded.token_ids
     assert alone.token_ids != other_seed.token_ids
 
@@ -55,7 +46,7 @@ async def test_stop_string_is_not_leaked(qwen3_dir: Path) -> None:
                 "xyz", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop])
             )
         )
-        _assert_clean(engine)
+        assert_clean(engine)
     assert stopped.finish_reason == "stop"
     assert stopped.text == full.text[:first]
 
@@ -84,7 +75,7 @@ async def test_abort_mid_generation_frees_everything(qwen3_dir: Path) -> None:
                 assert out.finish_reason == "abort"
         assert 3 <= seen < 200
         await asyncio.sleep(0)
-        _assert_clean(engine)
+        assert_clean(engine)
 
 
 async def test_leaving_generate_early_aborts(qwen3_dir: Path) -> None:
@@ -97,7 +88,7 @@ async def test_leaving_generate_early_aborts(qwen3_dir: Path) -> None:
             if not engine.core.running and not engine.core.waiting:
                 break
             await asyncio.sleep(0.01)
-        _assert_clean(engine)
+        assert_clean(engine)
 
 
 async def test_bad_input_is_refused_and_nothing_else_is_lost(qwen3_dir: Path) -> None:
@@ -111,7 +102,7 @@ async def test_bad_input_is_refused_and_nothing_else_is_lost(qwen3_dir: Path) ->
             engine.submit(list(range(3, 70)), SamplingParams())
         result = await collect(good)
         again = await collect(engine.submit("fine prompt", SamplingParams(max_tokens=5)))
-        _assert_clean(engine)
+        assert_clean(engine)
     assert result.finish_reason == "length" and len(result.token_ids) == 5
     assert again.num_cached_tokens > 0
 
@@ -132,7 +123,7 @@ async def test_model_error_fails_only_that_step(
         monkeypatch.setattr(engine.backend, "forward", flaky)
         failed = await collect(engine.submit("one", SamplingParams(max_tokens=3)))
         ok = await collect(engine.submit("two", SamplingParams(max_tokens=3, ignore_eos=True)))
-        _assert_clean(engine)
+        assert_clean(engine)
     assert failed.finish_reason == "error" and "boom" in (failed.error or "")
     assert ok.finish_reason == "length" and len(ok.token_ids) == 3
 

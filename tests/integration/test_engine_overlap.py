@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_checks import assert_clean
 
 from slmserve import Engine, EngineConfig, SamplingParams
 from slmserve.engine import collect
@@ -25,12 +26,7 @@ async def _assert_clean(engine: Engine) -> None:
     # A request's last output can reach its caller while a step that continued it is still
     # on the device: wait until the engine has collected everything.
     assert await engine._wait_idle(5.0)
-    core = engine.core
-    assert core is not None
-    core.check_integrity()
-    assert not core.running and not core.waiting
-    assert core.cache.protected_size == 0
-    assert engine.kv.allocator.num_free + core.cache.total_size == engine.kv.num_slots
+    assert_clean(engine)
     assert engine.runner.sampled == {}  # no sampled-token tensor outlives its step
 
 
