@@ -31,7 +31,8 @@ class Sequence:
     slots between the two are private and being written), and ``num_future`` sampled tokens are
     still on the device, not yet in ``tokens``. So the request is ``len(tokens) + num_future``
     tokens long, of which ``num_pending`` still need a step: the whole uncached prompt before
-    prefill, one token while decoding, none while its next token is being computed.
+    prefill, one token while decoding (the last one sampled, even while it is on the device),
+    none once that token's decode is launched.
     """
 
     __slots__ = (
