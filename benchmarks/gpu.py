@@ -26,7 +26,9 @@ probabilities (a check that the fast path computes what transformers computes; b
 sides, so small but not 0).
 
 Generation: 64 and 256 concurrent requests (128-token prompts, 256 output tokens, greedy,
-EOS ignored), output tokens/s.
+EOS ignored), output tokens/s. When the engine overlaps its steps (``--overlap``; on CUDA by
+default), the same engine then runs generation again one step at a time, for the gain of
+overlap on this card (~10 s more per model).
 
 Baseline, same GPU, same requests, same run: transformers with sdpa attention. For scoring it
 serves the same arrivals with dynamic batching (every waiting request's ``[query + item]`` rows,
@@ -309,9 +311,9 @@ def engine_config(path: Path, args: argparse.Namespace) -> EngineConfig:
 
 async def run_engine(
     path: Path, args: argparse.Namespace, vocab: int, phases: Phases
-) -> tuple[Scoring, dict[int, float]]:
+) -> tuple[Scoring, dict[int, float], dict[int, float]]:
     """slmserve: one engine (model load and CUDA-graph capture once) for scoring, then
-    generation."""
+    generation; then, if its steps were overlapped, generation again one step at a time."""
     async with contextlib.AsyncExitStack() as stack:
         with phases("slmserve load + CUDA graphs"):
             engine = await stack.enter_async_context(Engine(engine_config(path, args)))
@@ -322,9 +324,9 @@ async def run_engine(
 
         scoring = await measure_scoring("slmserve", score, args, vocab, phases)
         params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
-        gen = {}
-        with phases("slmserve generation"):
-            await collect(engine.submit(gen_workload(1, args, vocab)[0], params))  # warm-up
+
+        async def generation() -> dict[int, float]:
+            rates = {}
             for n in args.concurrency:
                 prompts = gen_workload(n, args, vocab)
                 start = time.perf_counter()
@@ -332,8 +334,19 @@ async def run_engine(
                     *(collect(engine.submit(p, params)) for p in prompts)
                 )
                 elapsed = time.perf_counter() - start
-                gen[n] = sum(len(r.token_ids) for r in results) / elapsed
-    return scoring, gen
+                rates[n] = sum(len(r.token_ids) for r in results) / elapsed
+            return rates
+
+        with phases("slmserve generation"):
+            await collect(engine.submit(gen_workload(1, args, vocab)[0], params))  # warm-up
+            gen = await generation()
+        serial = {}
+        if engine.overlaps:
+            with phases("slmserve generation, overlap off"):
+                # The loop reads the setting at every step; the engine is idle here.
+                engine.config.overlap = "off"
+                serial = await generation()
+    return scoring, gen, serial
 
 
 def load_hf(path: Path, args: argparse.Namespace) -> Any:
@@ -434,7 +447,7 @@ def run_model(name: str, shape: dict[str, Any], args: argparse.Namespace, rate: 
         path = Path(tmp) / name
         with phases("build model"):
             build_model(path, shape, args.device, args.seed)
-        ours, gen_ours = asyncio.run(run_engine(path, args, vocab, phases))
+        ours, gen_ours, gen_serial = asyncio.run(run_engine(path, args, vocab, phases))
         release(args.device)
         theirs, gen_theirs = run_hf(path, args, vocab, phases)
         release(args.device)
@@ -450,6 +463,7 @@ def run_model(name: str, shape: dict[str, Any], args: argparse.Namespace, rate: 
         "theirs": theirs,
         "ceiling": rate / item_flops(shape, args.item_tokens, args.query_tokens),
         "gen_ours": gen_ours,
+        "gen_serial": gen_serial,
         "gen_theirs": gen_theirs,
         "diff": diff,
     }
@@ -482,13 +496,18 @@ def print_table(results: list[dict], args: argparse.Namespace, rate: float) -> N
             f"{r['ceiling']:.0f} | {ours.best / r['ceiling']:.0%} | {r['diff']:.4f} |"
         )
     print("\ngeneration: output tokens/s (greedy, "
-          f"{args.prompt_tokens}-token prompts, {args.output_tokens} output tokens)\n")  # fmt: skip
-    print("| model | concurrent | slmserve tok/s | transformers tok/s | ratio |")
-    print("|---|---|---|---|---|")
+          f"{args.prompt_tokens}-token prompts, {args.output_tokens} output tokens); "
+          "overlap off: the same engine, one step at a time\n")  # fmt: skip
+    print("| model | concurrent | slmserve tok/s | transformers tok/s | ratio "
+          "| slmserve overlap off | on / off |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         for n in args.concurrency:
             ours, theirs = r["gen_ours"][n], r["gen_theirs"][n]
-            print(f"| {r['name']} | {n} | {ours:.0f} | {theirs:.0f} | {ratio(ours, theirs)} |")
+            serial = r["gen_serial"].get(n)
+            off = ("-", "-") if serial is None else (f"{serial:.0f}", ratio(ours, serial))
+            print(f"| {r['name']} | {n} | {ours:.0f} | {theirs:.0f} | {ratio(ours, theirs)} "
+                  f"| {off[0]} | {off[1]} |")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

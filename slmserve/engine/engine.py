@@ -579,7 +579,7 @@ class AsyncEngine:
 
     @property
     def overlaps(self) -> bool:
-        """Whether closed steps are overlapped with the next (``EngineConfig.overlap``)."""
+        """Whether steps are overlapped with the next (``EngineConfig.overlap``)."""
         mode = self.config.overlap
         on_cuda = self.kv is not None and self.kv.device.type == "cuda"
         return mode == "on" or (mode == "auto" and on_cuda)

@@ -32,7 +32,7 @@ def _args(**changes: object) -> argparse.Namespace:
 
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_prints_both_tables() -> None:
-    out = run_benchmark("gpu.py", "--smoke")
+    out = run_benchmark("gpu.py", "--smoke", "--overlap", "on")  # on, as on CUDA
     scoring = re.search(
         r"^\| smoke \| (\d+) \| (\d+) \| [\d.]+x \| (\d+) \| (\d+) \| (\d+) \| \d+% \| "
         r"([\d.]+) \|$",
@@ -43,10 +43,14 @@ def test_gpu_benchmark_smoke_prints_both_tables() -> None:
     *rates, diff = scoring.groups()
     assert all(int(x) > 0 for x in rates)
     assert float(diff) < 1e-3, "float32 on the CPU: both systems compute the same scores"
-    generation = re.findall(r"^\| smoke \| (\d+) \| (\d+) \| (\d+) \| [\d.]+x \|$", out, re.M)
-    assert [int(n) for n, _, _ in generation] == [2, 4], out
-    assert all(int(ours) > 0 and int(theirs) > 0 for _, ours, theirs in generation)
-    for phase in ("build model", "slmserve capacity probe", "transformers load sweep"):
+    generation = re.findall(
+        r"^\| smoke \| (\d+) \| (\d+) \| (\d+) \| [\d.]+x \| (\d+) \| [\d.]+x \|$", out, re.M
+    )
+    assert [int(n) for n, *_ in generation] == [2, 4], out
+    assert all(int(rate) > 0 for row in generation for rate in row[1:])
+    phases = ("build model", "slmserve capacity probe", "transformers load sweep",
+              "slmserve generation, overlap off")  # fmt: skip
+    for phase in phases:
         assert re.search(rf"^  \[ *[\d.]+ s\] {phase}$", out, re.M), phase
 
 
