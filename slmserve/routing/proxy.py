@@ -276,22 +276,37 @@ class Proxy:
             await self.check_health()
 
     async def check_health(self) -> None:
+        """One health round. A replica that refuses the check or answers it with an error
+        leaves the rotation; one that only answers too late (``health_timeout``) leaves it
+        while another replica answered in time: the slow one is more likely saturated than
+        dead, and taking out the last one would fail every request instead of slowing them."""
         results = await asyncio.gather(*(self._healthy(u) for u in self.urls))
+        answered = any(ok is True for ok in results)
         for url, ok in zip(self.urls, results):
-            if ok and url not in self.router.live:
+            if ok is True and url not in self.router.live:
                 log.info("replica %s is healthy: back in rotation", url)
                 self.router.mark_up(url)
-            elif not ok and url in self.router.live:
+            elif ok is False and url in self.router.live:
                 log.warning("replica %s failed its health check: out of rotation", url)
                 self.router.mark_down(url)
+            elif ok is None and url in self.router.live:
+                if answered:
+                    log.warning("replica %s timed out its health check: out of rotation", url)
+                    self.router.mark_down(url)
+                else:
+                    log.warning("replica %s timed out its health check: kept, no replica "
+                                "answered in time", url)  # fmt: skip
 
-    async def _healthy(self, url: str) -> bool:
+    async def _healthy(self, url: str) -> bool | None:
+        """True: healthy; False: refused or unhealthy; None: no answer within the timeout."""
         assert self.session is not None
         try:
             timeout = aiohttp.ClientTimeout(total=self.config.health_timeout)
             async with self.session.get(f"{url}/health", timeout=timeout) as resp:
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except asyncio.TimeoutError:
+            return None
+        except (aiohttp.ClientError, OSError):
             return False
 
     # ------------------------------------------------------------------ helpers
