@@ -646,7 +646,9 @@ class AsyncEngine:
                 continue
             plp = result.prompt_logprobs.get(seq.rid)
             if plp is not None and seq.prompt_logprobs is not None:
-                seq.prompt_logprobs.extend(plp)
+                # By position (entry j scores prompt token j): a request preempted and
+                # recomputed scores its prompt again, over the same entries.
+                seq.prompt_logprobs[item.start + 1 : item.start + 1 + len(plp)] = plp
             if not item.sample:
                 continue
             if seq.label_ids is not None:  # scoring: prefill only, no token

@@ -186,3 +186,26 @@ async def test_gc_freeze_sets_the_collector_pace_and_off_leaves_it(qwen3_dir: Pa
             assert gc.get_threshold() == GC_THRESHOLDS
     finally:
         gc.set_threshold(*before)
+
+
+def test_prompt_logprobs_of_a_preempted_request_are_not_repeated(qwen3_dir: Path) -> None:
+    """A request preempted during its prompt computes it again; its prompt log-probabilities
+    are those of an unpressed run, one per prompt token."""
+
+    async def run(kv_tokens: int) -> tuple[list[float | None], int]:
+        limits = {"kv_tokens": kv_tokens, "chunked_prefill_size": 16, "max_batch_tokens": 32}
+        async with _engine(qwen3_dir, **limits) as engine:
+            greedy = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+            others = [collect(engine.submit([10 + i] * 30, greedy)) for i in range(4)]
+            params = SamplingParams(max_tokens=5, temperature=0.0, prompt_logprobs=0)
+            mine = collect(engine.submit(list(range(20, 80)), params))
+            *_, result = await asyncio.gather(*others, mine)
+            assert engine.core is not None
+            plp = result.prompt_logprobs or []
+            return [p.logprob if p else None for p in plp], engine.core.num_preemptions
+
+    roomy, none = asyncio.run(run(4096))
+    pressed, preemptions = asyncio.run(run(200))
+    assert none == 0 and preemptions > 0
+    assert len(roomy) == 60 and roomy[0] is None
+    assert pressed[0] is None and pressed[1:] == pytest.approx(roomy[1:], abs=1e-5)
