@@ -46,9 +46,13 @@ class Scheduler(ABC):
       out simply wait. It must not mutate the requests and should be O(n log n) or better.
     * ``on_arrival`` is called once when a request enters the waiting queue (also when a
       preempted request comes back, with the same ``SchedRequest`` object).
+    * ``on_admit`` is called when a step is planned, with the ids it admitted (in the order
+      given). Policies whose next order depends on the last admissions (k-LPM's cycle) update
+      here: with overlapped steps the next step is planned before this one is reported.
     * ``on_step`` is called after every step with what was admitted, how many tokens each
       running request computed, and what finished, was aborted or preempted. Service-accounting
-      policies (VTC, DLPM) charge here, per step.
+      policies (VTC, DLPM) charge here, per step (with overlapped steps, a step or two after
+      the steps they planned).
     * The same object runs inside the simulator, with simulated time in ``now``.
     * Raising from any method is a bug in the policy: the engine fails the step's requests with
       the error and keeps serving.
@@ -67,6 +71,9 @@ class Scheduler(ABC):
     @abstractmethod
     def order(self, waiting: Sequence[SchedRequest], now: float) -> list[SchedRequest]:
         """Return waiting requests in admission order (a permutation or a subset)."""
+
+    def on_admit(self, admitted: Sequence[str], now: float) -> None:  # noqa: B027
+        """A step was planned that admits these requests. Default: nothing."""
 
     def on_step(self, report: StepReport) -> None:  # noqa: B027
         """Account for one finished step. Default: nothing."""

@@ -136,6 +136,8 @@ class EngineCore:
         budget = self._plan_running(plan, hold)
         if budget > 0 and self.waiting and not plan.preempted:
             self._admit(plan, budget)
+            if plan.admitted:
+                self.scheduler.on_admit(plan.admitted, now)
         return plan
 
     def _continues(self, seq: Sequence) -> bool:
@@ -176,11 +178,21 @@ class EngineCore:
                 self._schedule(plan, seq, n, slots[offset : offset + n])
                 offset += n
             return budget
-        # Memory is short: go request by request, evicting, then preempting the newest. A
-        # request with work in flight is neither scheduled nor preempted here: it continues once
-        # that work is collected.
+        # Memory is short: go request by request, evicting, then preempting the newest. With
+        # work in flight nobody is preempted: what fits after evicting runs, the rest waits for
+        # that work to be collected, and the next plan (nothing in flight) preempts as the
+        # one-step-at-a-time loop would.
         running = [s for s in running if not s.in_flight]
         budget = self.limits.max_batch_tokens
+        if any(s.in_flight for s in self.running.values()):
+            for seq in running:
+                n = min(seq.num_pending, self.limits.chunked_prefill_size, budget)
+                slots = self._try_alloc(n) if n > 0 else None
+                if slots is None:
+                    break
+                self._schedule(plan, seq, n, slots)
+                budget -= n
+            return budget
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]

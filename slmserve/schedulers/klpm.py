@@ -7,8 +7,9 @@ first takes the oldest waiting request and the other ``k - 1`` take the longest 
 
 The paper processes queries one at a time; an engine admits batches. We keep the cycle position
 ``pos`` across steps and build each round's order by replaying the cycle from ``pos`` over the
-waiting requests. The engine admits a prefix of that order (break semantics) and reports it;
-``pos`` then advances by the number actually admitted. A request that did not fit therefore does
+waiting requests. The engine admits a prefix of that order (break semantics) and reports it
+when it plans the step (``on_admit``, before the next order even when steps overlap); ``pos``
+then advances by the number actually admitted. A request that did not fit therefore does
 not consume its slot: if the FCFS pick fails, the next round starts with an FCFS pick again.
 
 Consequence (bounded overtaking): every block of ``k`` consecutive admissions contains an FCFS
@@ -76,10 +77,12 @@ class KLPM(Scheduler):
             pos = (pos + 1) % self.k
         return out
 
-    def on_step(self, report: StepReport) -> None:
+    def on_admit(self, admitted: Sequence[str], now: float) -> None:
         # Admission follows our order and stops at the first misfit, so the admitted requests
         # are exactly the first len(admitted) picks of the cycle.
-        self.pos = (self.pos + len(report.admitted)) % self.k
+        self.pos = (self.pos + len(admitted)) % self.k
+
+    def on_step(self, report: StepReport) -> None:
         self._tally.add(report)
 
     def stats(self) -> Mapping[str, Mapping[str, float]]:

@@ -261,6 +261,8 @@ def drive(
                 used += cost
                 admitted.append(r.rid)
                 running[r.rid] = [waiting.pop(r.rid), 0]
+            if admitted:
+                sched.on_admit(admitted, now)  # when the engine plans the step
         computed = {}
         for rid, state in running.items():
             r = state[0]

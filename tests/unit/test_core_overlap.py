@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from slmserve.cache.kv_pool import SlotAllocator
-from slmserve.engine.core import CoreLimits, EngineCore
-from slmserve.engine.sequence import Sequence
+from slmserve.engine.core import CoreLimits, EngineCore, StepPlan
+from slmserve.engine.sequence import Sequence, Status
 from slmserve.schedulers.fcfs import FCFS
 from slmserve.types import SamplingParams
 
@@ -138,3 +138,47 @@ def test_closed_means_every_request_is_scoring() -> None:
     only_scoring = _core(num_slots=200)
     _add(only_scoring, "score", [5, 6, 7])
     assert only_scoring.plan_step(0.0).closed
+
+
+def test_k_lpm_keeps_its_cycle_when_steps_are_planned_ahead() -> None:
+    """The scheduler hears of admissions when a step is planned (``on_admit``), not when it is
+    collected, so planning ahead cannot replay a cycle position: k-LPM with k=2 still
+    alternates an LPM pick (a request whose prefix is cached) with an FCFS pick (the oldest)."""
+    from collections import deque
+
+    from slmserve.schedulers.klpm import KLPM
+
+    def admissions(depth: int) -> list[str]:
+        limits = CoreLimits(max_batch_tokens=10, chunked_prefill_size=10,
+                            max_running_requests=64, max_model_len=1000)  # fmt: skip
+        core = EngineCore(SlotAllocator(2000), KLPM(k=2), limits)
+        warm = _add(core, "warm", [1] * 9 + [2])  # puts a 9-token prefix in the cache
+        report = core.complete_step(core.plan_step(0.0), {})
+        core.finish(warm, "stop")
+        core.scheduler.on_step(report)
+        for i in range(4):  # older, nothing cached; then newer, 9 tokens cached
+            _add(core, f"cold{i}", [100 + i] * 10, scoring=False)
+        for i in range(4):
+            _add(core, f"hot{i}", [1] * 9 + [50 + i] * 10, scoring=False)
+        order: list[str] = []
+        inflight: deque[StepPlan] = deque()
+        while core.has_work() or inflight:
+            if len(inflight) < depth:
+                plan = core.plan_step(1.0)
+                if plan.items:
+                    order += plan.admitted
+                    inflight.append(plan)
+                    continue
+            plan = inflight.popleft()
+            report = core.complete_step(plan, {it.seq.rid: 7 for it in plan.items if it.sample})
+            for it in plan.items:
+                seq = it.seq
+                if it.sample and seq.status is Status.RUNNING and core.stop_reason(seq):
+                    core.finish(seq, "length")
+            report.finished = core.take_finished()
+            core.scheduler.on_step(report)  # as the engine does, when the step is collected
+        return order
+
+    serial = admissions(1)
+    assert serial[:4] == ["hot0", "cold0", "hot1", "cold1"]  # "warm" was the first FCFS pick
+    assert admissions(2) == admissions(3) == serial

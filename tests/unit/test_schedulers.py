@@ -44,6 +44,8 @@ def step(
     ``running`` ones one token each."""
     computed = {r.rid: (r.client_id, r.prompt_len - r.matched_len, 1) for r in admitted}
     computed |= {r.rid: (r.client_id, 0, 1) for r in running}
+    if admitted:
+        sched.on_admit([r.rid for r in admitted], 0.0)  # when the engine plans the step
     sched.on_step(
         StepReport(
             now=0.0, admitted=[r.rid for r in admitted], computed=computed, finished=list(finished)
