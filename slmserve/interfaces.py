@@ -54,8 +54,10 @@ class Scheduler(ABC):
       policies (VTC, DLPM) charge here, per step (with overlapped steps, a step or two after
       the steps they planned).
     * The same object runs inside the simulator, with simulated time in ``now``.
-    * Raising from any method is a bug in the policy: the engine fails the step's requests with
-      the error and keeps serving.
+    * Raising from any method is a bug in the policy, and the engine keeps serving: a raising
+      ``order`` fails the waiting requests it was given, with the error; a raising
+      ``on_arrival`` refuses the request being submitted (``RuntimeError``); a raising
+      ``on_admit`` or ``on_step`` is logged.
     """
 
     name: ClassVar[str]

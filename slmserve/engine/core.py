@@ -109,7 +109,16 @@ class EngineCore:
         if seq.rid in self.waiting or seq.rid in self.running:
             raise ValueError(f"request id {seq.rid!r} is already in the engine")
         self._wait(seq)
-        self.scheduler.on_arrival(seq.sched, now)
+        try:
+            self.scheduler.on_arrival(seq.sched, now)
+        except Exception as exc:  # a policy bug: refuse this request, leave no trace of it
+            del self.waiting[seq.rid]
+            if self._tracker is not None:
+                self._tracker.discard(seq.rid)
+            log.exception("scheduler %s failed in on_arrival", self.scheduler.name)
+            raise RuntimeError(
+                f"scheduler {self.scheduler.name!r} failed on the request's arrival: {exc!r}"
+            ) from exc
 
     def _wait(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -137,7 +146,10 @@ class EngineCore:
         if budget > 0 and self.waiting and not plan.preempted:
             self._admit(plan, budget)
             if plan.admitted:
-                self.scheduler.on_admit(plan.admitted, now)
+                try:
+                    self.scheduler.on_admit(plan.admitted, now)
+                except Exception:  # a policy bug: the plan stands, its accounting is lost
+                    log.exception("scheduler %s failed in on_admit", self.scheduler.name)
         return plan
 
     def _continues(self, seq: Sequence) -> bool:
@@ -248,7 +260,10 @@ class EngineCore:
         self._wait(seq)
         plan.preempted.append(seq.rid)
         self.num_preemptions += 1
-        self.scheduler.on_arrival(seq.sched, plan.now)
+        try:
+            self.scheduler.on_arrival(seq.sched, plan.now)
+        except Exception:  # a policy bug: the request waits all the same
+            log.exception("scheduler %s failed in on_arrival", self.scheduler.name)
 
     @staticmethod
     def _reusable(seq: Sequence) -> int:
@@ -269,7 +284,12 @@ class EngineCore:
         # admission must leave them free (or evictable), or a long prompt admitted on its first
         # chunk alone would later preempt.
         reserve = sum(seq.num_pending + (seq.label_ids is None) for seq in self.running.values())
-        order = self.scheduler.order([s.sched for s in self.waiting.values()], plan.now)
+        try:
+            order = self.scheduler.order([s.sched for s in self.waiting.values()], plan.now)
+        except Exception as exc:  # a policy bug: what it was to order fails, the rest runs on
+            log.exception("scheduler %s failed in order", self.scheduler.name)
+            self._fail_waiting(f"scheduler {self.scheduler.name!r} failed: {exc!r}")
+            return
         for view in order:
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
                 break
@@ -355,6 +375,12 @@ class EngineCore:
         if len(seq.tokens) >= self.limits.max_model_len:
             return "length"
         return None
+
+    def _fail_waiting(self, error: str) -> None:
+        for seq in list(self.waiting.values()):
+            del self.waiting[seq.rid]
+            seq.error = error
+            self._finish(seq, "error")
 
     def fail(self, plan: StepPlan, error: str) -> StepReport:
         """The model run raised: fail every request of the step, keep everything else."""

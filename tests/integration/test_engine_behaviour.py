@@ -209,3 +209,38 @@ def test_prompt_logprobs_of_a_preempted_request_are_not_repeated(qwen3_dir: Path
     assert none == 0 and preemptions > 0
     assert len(roomy) == 60 and roomy[0] is None
     assert pressed[0] is None and pressed[1:] == pytest.approx(roomy[1:], abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["order", "on_arrival", "on_admit", "on_step"])
+async def test_a_scheduler_that_raises_fails_what_it_ordered_not_the_engine(
+    qwen3_dir: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """The Scheduler contract: a policy bug fails the requests it concerns, and the engine
+    keeps serving: ``order`` fails the waiting requests it was ordering, ``on_arrival`` refuses
+    the request submitted, and the accounting calls are logged."""
+    async with _engine(qwen3_dir, kv_tokens=1024) as engine:
+        real, calls = getattr(engine.scheduler, method), {"n": 0}
+
+        def buggy(*args: object) -> object:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("policy bug")
+            return real(*args)
+
+        monkeypatch.setattr(engine.scheduler, method, buggy)
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        if method == "on_arrival":
+            with pytest.raises(RuntimeError, match="'fcfs' failed on the request's arrival"):
+                engine.submit("first", params)
+        else:
+            first = await collect(engine.submit("first", params))
+        second = await collect(engine.submit("second", params))
+        assert calls["n"] >= 2 and engine.running
+        await asyncio.sleep(0)
+        assert_clean(engine)
+    if method == "order":
+        assert first.finish_reason == "error" and "policy bug" in (first.error or "")
+        assert "'fcfs'" in (first.error or "")
+    elif method != "on_arrival":
+        assert first.finish_reason == "length" and len(first.token_ids) == 3
+    assert second.finish_reason == "length" and len(second.token_ids) == 3
