@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 
@@ -131,13 +132,39 @@ def read_jsonl(path: Path, what: str) -> Iterator[tuple[int, Any]]:
     """``(line number, decoded value)`` for each non-blank line; errors name file and line."""
     if not path.exists():
         raise CLIError(f"{what} file not found: {path}")
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"cannot read {what} file {path}: {exc}") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
             raise CLIError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+
+
+def open_output(path: str | None) -> TextIO | None:
+    """``path`` opened for writing (``None`` for none): a CLIError naming it if it cannot be."""
+    if not path:
+        return None
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def engine_errors() -> Iterator[None]:
+    """Errors of an engine built from the command line (a model that cannot load, an option a
+    plugin refuses, a prompt it cannot serve) as one-line CLI errors; ``--log-level debug``
+    logs the traceback."""
+    try:
+        yield
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        logging.getLogger("slmserve").debug("engine error", exc_info=True)
+        raise CLIError(f"{type(exc).__name__}: {exc}") from None
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -168,13 +195,14 @@ def cmd_generate(args: argparse.Namespace, plugins: PluginManager) -> int:
             seed=args.sampling_seed,
             stop=args.stop or [],
             ignore_eos=args.ignore_eos,
-        )
+        ).check()
     except (msgspec.ValidationError, ValueError, TypeError) as exc:
-        raise CLIError(f"invalid sampling parameters: {exc}") from None
-    engine = Engine(config, plugins=plugins)
-    results = engine.generate_batch(prompts, params, progress=len(prompts) > 1)
-    out = open(args.output, "w") if args.output else None  # noqa: SIM115
+        raise CLIError(str(exc)) from None
+    out = open_output(args.output)  # before the work: a bad path fails now, not after it
     try:
+        with engine_errors():
+            engine = Engine(config, plugins=plugins)
+            results = engine.generate_batch(prompts, params, progress=len(prompts) > 1)
         for prompt, res in zip(prompts, results):
             if out is not None or args.json:
                 record = {"prompt": prompt, **msgspec.to_builtins(res)}
@@ -265,7 +293,10 @@ def build_parser(plugins: PluginManager) -> tuple[argparse.ArgumentParser, dict[
     parser = argparse.ArgumentParser(
         prog="slmserve", description="Serve, score and benchmark small language models."
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     handlers: dict[str, Callable] = {}
 

@@ -55,7 +55,8 @@ def cmd_compress(args: argparse.Namespace, plugins: PluginManager) -> int:
     from tqdm.auto import tqdm
 
     from slmserve.cli import CLIError
-    from slmserve.score_cli import compress_chain, compressor_chain, read_items
+    from slmserve.compressors import run_chain
+    from slmserve.score_cli import compressor_chain, read_items
 
     if args.batch_size < 1:
         raise CLIError("--batch-size must be at least 1")
@@ -81,7 +82,7 @@ def cmd_compress(args: argparse.Namespace, plugins: PluginManager) -> int:
                 batch = records[first : first + args.batch_size]
                 texts = [text for _, text in batch]
                 try:
-                    done = compress_chain(compressors, texts, args.query, tokenizer)
+                    done = run_chain(compressors, texts, args.query, tokenizer)
                 except ValueError as exc:
                     raise CLIError(str(exc)) from None
                 before += sum(count_tokens(tokenizer, t) for t in texts)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from slmserve.compressors import count_tokens
+from slmserve.compressors import count_tokens, run_chain
 from slmserve.interfaces import Compressor, PluginError
 from slmserve.plugins import PluginManager
 
@@ -110,14 +110,16 @@ def cmd_score(args: argparse.Namespace, plugins: PluginManager) -> int:
     """Score every item; write ``{"id", "score", "scores"}`` per line in input order."""
     from tqdm.auto import tqdm
 
-    from slmserve.cli import CLIError, engine_config
+    from slmserve.cli import CLIError, engine_config, engine_errors, open_output
     from slmserve.engine import Engine
 
     if args.batch_size < 1:
         raise CLIError("--batch-size must be at least 1")
     records = read_items(Path(args.items))
     compressors = compressor_chain(args, plugins)
-    engine = Engine(engine_config(args), plugins=plugins)
+    out = open_output(args.output) or sys.stdout  # before the work: a bad path fails now
+    with engine_errors():
+        engine = Engine(engine_config(args), plugins=plugins)
 
     async def run() -> tuple[list[list[float]], int, int, int, int]:
         rows: list[list[float]] = []
@@ -132,7 +134,7 @@ def cmd_score(args: argparse.Namespace, plugins: PluginManager) -> int:
                     if compressors:
                         before += sum(count_tokens(tok, t) for t in texts)
                         texts = await asyncio.to_thread(
-                            compress_chain, compressors, texts, args.query, tok
+                            run_chain, compressors, texts, args.query, tok
                         )
                         after += sum(count_tokens(tok, t) for t in texts)
                     try:
@@ -152,9 +154,9 @@ def cmd_score(args: argparse.Namespace, plugins: PluginManager) -> int:
                     bar.update(len(texts))
         return rows, prompt, cached, before, after
 
-    rows, prompt, cached, before, after = asyncio.run(run())
-    out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115
     try:
+        with engine_errors():
+            rows, prompt, cached, before, after = asyncio.run(run())
         for (item_id, _), row in zip(records, rows):
             out.write(json.dumps({"id": item_id, "score": row[0], "scores": row}) + "\n")
     finally:
@@ -166,16 +168,6 @@ def cmd_score(args: argparse.Namespace, plugins: PluginManager) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def compress_chain(
-    compressors: list[Compressor], texts: list[str], query: str, tokenizer: Any
-) -> list[str]:
-    """Every text through the chain, a batch per link (run it in a thread: a link may run a
-    model, which must not block an event loop)."""
-    for compressor in compressors:
-        texts = compressor.compress_many(texts, query=query, tokenizer=tokenizer)
-    return texts
 
 
 def _renumber(message: str, start: int, records: list[tuple[Any, str]]) -> str:

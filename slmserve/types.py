@@ -16,6 +16,10 @@ import msgspec
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 Prob = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+"""A count or token id that fits the wire (msgpack carries 64-bit integers, no more)."""
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""A signed 64-bit value (sampling hashes the seed's 64 bits)."""
 
 DEFAULT_CLIENT = "default"
 
@@ -25,18 +29,18 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How tokens are chosen for one request (OpenAI / vLLM semantics)."""
 
-    max_tokens: NonNegInt = 16
+    max_tokens: Count = 16
     temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: int = -1
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=2**63 - 1)] = -1
     """``-1`` (or 0) disables top-k."""
     min_p: Prob = 0.0
-    seed: int | None = None
+    seed: Seed | None = None
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
     presence_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
     stop: list[str] = msgspec.field(default_factory=list)
-    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    stop_token_ids: list[Count] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     """Number of top log-probabilities to return per sampled token (``None``: none)."""
@@ -51,6 +55,17 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    def check(self) -> SamplingParams:
+        """These parameters, once their types and bounds are checked: a ``SamplingParams``
+        built in Python skips the checks decoding does, and a bad value (``top_p=0``, a seed
+        beyond 64 bits) would otherwise fail the whole batch step it lands in. Raises
+        ``ValueError`` naming the field."""
+        try:
+            msgspec.convert(msgspec.to_builtins(self), SamplingParams)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"invalid sampling parameters: {exc}") from None
+        return self
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):

@@ -11,7 +11,31 @@ thing the model will see, whatever the tokenizer.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from slmserve.interfaces import Compressor
+
+
+def run_chain(
+    compressors: Sequence[Compressor], texts: Sequence[str], query: str, tokenizer: Any
+) -> list[str]:
+    """Every text through the chain, one batch per link. A link that does not hand back one
+    string per text is a plugin bug, and a ``RuntimeError`` naming it: zipping a short list
+    against the items would score the wrong text under an item's id."""
+    out = list(texts)
+    for compressor in compressors:
+        got = compressor.compress_many(out, query=query, tokenizer=tokenizer)
+        if len(got) != len(out) or not all(isinstance(t, str) for t in got):
+            kinds = sorted({type(t).__name__ for t in got})
+            raise RuntimeError(
+                f"compressor {compressor.name!r} returned {len(got)} values of type "
+                f"{', '.join(kinds) or '-'} for {len(out)} items (one string per item is the "
+                "contract)"
+            )
+        out = list(got)
+    return out
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

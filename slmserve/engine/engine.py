@@ -304,13 +304,13 @@ class AsyncEngine:
         ``stream`` replaces the default output stream with another sink (the engine process
         passes one that forwards outputs to the front process); its ``request_id`` wins.
         Raises ``ValueError`` for a prompt the engine can never serve (empty, token ids outside
-        the vocabulary, longer than the model or the KV pool) and :class:`EngineClosedError`
-        when the engine is not running.
+        the vocabulary, longer than the model or the KV pool) or invalid sampling parameters,
+        and :class:`EngineClosedError` when the engine is not running.
         """
         if not self.running or self.core is None or self.backend is None:
             raise EngineClosedError("the engine is not running")
         self._check_queue(1)
-        params = params or SamplingParams()
+        params = (params or SamplingParams()).check()
         ids = self._prompt_ids(prompt)
         if stream is not None:
             request_id = stream.request_id

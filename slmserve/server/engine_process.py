@@ -149,11 +149,21 @@ def write_frame(writer: asyncio.StreamWriter, payload: bytes) -> None:
 
 
 class Outbox:
-    """Coalesces messages into one frame per event-loop turn (``call_soon`` flushes)."""
+    """Coalesces messages into one frame per event-loop turn (``call_soon`` flushes).
 
-    def __init__(self, writer: asyncio.StreamWriter, empty: Callable[[], Any]) -> None:
+    A message the wire cannot carry (msgpack has no integers beyond 64 bits) must not take the
+    rest of the turn's messages with it, nor leave its sender waiting: the frame goes out
+    without it, and ``unsendable(message, error)`` answers its sender."""
+
+    def __init__(
+        self,
+        writer: asyncio.StreamWriter,
+        empty: Callable[[], Any],
+        unsendable: Callable[[Any, Exception], None],
+    ) -> None:
         self._writer = writer
         self._empty = empty
+        self._unsendable = unsendable
         self._encoder = msgspec.msgpack.Encoder()
         self.pending = empty()
         self._scheduled = False
@@ -168,8 +178,34 @@ class Outbox:
     def flush(self) -> None:
         self._scheduled = False
         frame, self.pending = self.pending, self._empty()
-        if not self._writer.is_closing():
-            write_frame(self._writer, self._encoder.encode(frame))
+        if self._writer.is_closing():
+            return
+        try:
+            payload = self._encoder.encode(frame)
+        except (OverflowError, TypeError, ValueError):
+            payload = self._encoder.encode(self._sendable(frame))
+        write_frame(self._writer, payload)
+
+    def _sendable(self, frame: Any) -> Any:
+        """``frame`` without the list elements that do not encode, each one reported."""
+        out = self._empty()
+        for name in frame.__struct_fields__:
+            value = getattr(frame, name)
+            if isinstance(value, list):
+                kept = []
+                for message in value:
+                    probe = self._empty()
+                    setattr(probe, name, [message])
+                    try:
+                        self._encoder.encode(probe)
+                    except (OverflowError, TypeError, ValueError) as exc:
+                        log.error("a %s cannot be sent: %s", type(message).__name__, exc)
+                        self._unsendable(message, exc)
+                    else:
+                        kept.append(message)
+                value = kept
+            setattr(out, name, value)
+        return out
 
 
 # ------------------------------------------------------------------------------ the front
@@ -245,7 +281,7 @@ class ProcessEngine:
         self._max_model_len = ready.max_model_len
         self._kv_slots = ready.kv_slots
         self._writer = writer
-        self._outbox = Outbox(writer, ToEngine)
+        self._outbox = Outbox(writer, ToEngine, self._unsendable)
         self._accepting = True
         self._reader_task = asyncio.create_task(self._read(reader), name="slmserve-engine-reader")
 
@@ -340,13 +376,26 @@ class ProcessEngine:
             )
         vocab = self.backend.info.vocab_size
         ids = prompt_token_ids(prompt, self.backend.tokenizer, vocab, self._max_model_len)
+        params = (params or SamplingParams()).check()  # what the child could not decode
         rid = request_id or f"req-{next(self._request_ids)}"
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already in use")
         stream = RequestStream(rid)
         self._streams[rid] = stream
-        self._outbox.touch().submits.append(Submit(rid, ids, params or SamplingParams(), client_id))
+        self._outbox.touch().submits.append(Submit(rid, ids, params, client_id))
         return stream
+
+    def _unsendable(self, message: Any, error: Exception) -> None:
+        """Answer the sender of a message the child could not be sent."""
+        why = f"the request cannot be sent to the engine process: {error}"
+        if isinstance(message, Submit):
+            stream = self._streams.pop(message.rid, None)
+            if stream is not None:
+                stream.put(_failed(message.rid, why))
+        elif isinstance(message, Call):
+            future = self._calls.get(message.call)
+            if future is not None and not future.done():
+                future.set_exception(ValueError(why))
 
     def abort(self, request_id: str) -> None:
         if request_id in self._streams and self._outbox is not None:
@@ -486,7 +535,17 @@ async def serve_engine(sock: socket.socket) -> None:
     assert engine.backend is not None
     ready = Ready(engine.backend.info, engine.tokenizer, engine.max_model_len, engine.kv_slots)
     write_frame(writer, pickle.dumps(ready))
-    outbox = Outbox(writer, FromEngine)
+
+    def unsendable(message: Any, error: Exception) -> None:
+        why = f"the result cannot be sent to the front process: {error}"
+        if isinstance(message, RequestOutput):
+            outbox.touch().outputs.append(_failed(message.request_id, why))
+        elif isinstance(message, Reply):
+            outbox.touch().replies.append(
+                Reply(call=message.call, error=why, error_type="RuntimeError")
+            )
+
+    outbox = Outbox(writer, FromEngine, unsendable)
     decoder = msgspec.msgpack.Decoder(ToEngine)
     tasks: set[asyncio.Task[None]] = set()
     timeout = 0.0

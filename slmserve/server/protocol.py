@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from slmserve.types import Count, Seed
+
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
@@ -38,12 +40,12 @@ class SamplingFields(_Request, kw_only=True):
     max_tokens: NonNegInt | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=2**63 - 1)] = -1
     min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
     n: PosInt = 1
     stop: StopString | list[StopString] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    stop_token_ids: list[Count] | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty = 0.0

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from slmserve.compressors import count_tokens
+from slmserve.compressors import count_tokens, run_chain
 from slmserve.engine import EngineClosedError, QueueFullError
 from slmserve.interfaces import Compressor, PluginError
 from slmserve.server.config import ServerConfig
@@ -220,9 +220,7 @@ def compress_items(
 ) -> tuple[list[Item], list[int], float]:
     """Run the chain over every item: (compressed items, their token counts, the ratio of
     item tokens before to after). A compressor that empties an item is a 400 naming it."""
-    texts = list(items)
-    for compressor in compressors:
-        texts = compressor.compress_many(texts, query=query, tokenizer=tokenizer)
+    texts = run_chain(compressors, items, query, tokenizer)
     before = after = 0
     out: list[Item] = []
     lengths = []

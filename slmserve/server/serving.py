@@ -232,7 +232,8 @@ def sampling_params(
         top_p=req.top_p,
         top_k=req.top_k,
         min_p=req.min_p,
-        seed=None if req.seed is None else req.seed + choice,
+        # Wrapped to signed 64 bits, all that sampling hashes: the same noise, a value that fits.
+        seed=None if req.seed is None else (req.seed + choice + 2**63) % 2**64 - 2**63,
         repetition_penalty=req.repetition_penalty,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,

@@ -42,3 +42,33 @@ def test_bad_input_exits_2_with_a_message(
     assert "input file not found" in capsys.readouterr().err
     assert main(["generate", "x", "--scheduler-opt", "nokey", *ENGINE]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "x", "--top-p", "0", "--temperature", "1"], "top_p"),
+        (["generate", "x", "--max-tokens", "-5"], "max_tokens"),
+        (["generate", "x", "--output", "/nonexistent/dir/out.jsonl"], "cannot write"),
+        (["generate", "x", "--scheduler", "klpm", "--scheduler-opt", "k=-1"], "k"),
+        (["generate", "x", "--scheduler-opt", "nope=1"], "FCFS() takes no arguments"),
+        (["generate", "x", "--model", "/nonexistent/model"], "/nonexistent/model"),
+        (["generate", "--input", "."], "cannot read input file"),
+        (["score", "--query", "q", "--items", ".", "--labels", "Y,N"], "cannot read items"),
+    ],
+)
+def test_more_bad_input_is_one_line_and_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Values the engine or the file system refuses are CLI errors too, found before any work
+    whose output would be lost."""
+    assert main([*args, *ENGINE]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1, err
+
+
+def test_a_bad_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--log-level", "bogus", "generate", "x"])
+    assert exc.value.code == 2 and "--log-level" in capsys.readouterr().err

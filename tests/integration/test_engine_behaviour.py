@@ -100,6 +100,12 @@ async def test_bad_input_is_refused_and_nothing_else_is_lost(qwen3_dir: Path) ->
             engine.submit([1, 2, 10**9], SamplingParams())
         with pytest.raises(ValueError, match="limit is 63"):
             engine.submit(list(range(3, 70)), SamplingParams())
+        # Built in Python, SamplingParams skips the checks decoding makes; submit makes them,
+        # so a bad value fails its own request, not the batch step it would land in.
+        with pytest.raises(ValueError, match="top_p"):
+            engine.submit("x", SamplingParams(top_p=0.0))
+        with pytest.raises(ValueError, match="seed"):
+            engine.submit("x", SamplingParams(seed=2**70))
         result = await collect(good)
         again = await collect(engine.submit("fine prompt", SamplingParams(max_tokens=5)))
         assert_clean(engine)

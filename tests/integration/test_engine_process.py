@@ -134,3 +134,24 @@ async def test_server_over_a_child_and_a_child_that_dies(aiohttp_client: Any) ->
     resp = await client.post("/v1/completions", json=body)
     assert resp.status == 503
     assert (await resp.json())["error"]["code"] == "shutting_down"
+
+
+async def test_values_the_wire_cannot_carry_fail_alone() -> None:
+    """A value msgpack cannot encode (an integer beyond 64 bits) or bad sampling parameters
+    are refused for their own request only: the requests sent in the same event-loop turn
+    complete, nothing hangs, and the engine process keeps running."""
+    async with ProcessEngine(CONFIG) as remote:
+        with pytest.raises(ValueError, match="seed"):
+            remote.submit("x", SamplingParams(seed=2**70))
+        with pytest.raises(ValueError, match="top_p"):
+            remote.submit("x", SamplingParams(top_p=0.0))
+        bad_score = asyncio.ensure_future(remote.score([2**70], ["yes"], label_token_ids=LABELS))
+        await asyncio.sleep(0)  # the score call is queued; the frame goes out after this turn
+        good = asyncio.ensure_future(collect(remote.submit("The cat", GREEDY)))  # same frame
+        with pytest.raises(ValueError, match="cannot be sent to the engine process"):
+            await asyncio.wait_for(bad_score, 30)
+        result = await asyncio.wait_for(good, 30)
+        assert result.finish_reason == "length" and len(result.token_ids) == 6
+        assert remote.running
+        again = await collect(remote.submit("The cat", GREEDY))
+        assert again.token_ids == result.token_ids

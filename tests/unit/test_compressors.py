@@ -108,3 +108,23 @@ def test_option_errors_name_the_option(
 ) -> None:
     with pytest.raises(error, match=name):
         factory(**options)
+
+
+def test_a_chain_link_that_breaks_the_contract_is_named() -> None:
+    """One string per item, or a RuntimeError naming the compressor: a short list zipped
+    against the items would score the wrong text under an item's id."""
+    from slmserve.compressors import run_chain
+    from slmserve.interfaces import Compressor
+
+    class Lossy(Compressor):
+        name = "lossy"
+
+        def compress(self, item: str, *, query: str, tokenizer: object) -> str:
+            return item
+
+        def compress_many(self, items, *, query, tokenizer):  # type: ignore[no-untyped-def]
+            return list(items)[1:]
+
+    with pytest.raises(RuntimeError, match="'lossy' returned 2 values of type str for 3"):
+        run_chain([Lossy()], ["a", "b", "c"], "q", tokenizer=None)
+    assert run_chain([], ["a"], "q", tokenizer=None) == ["a"]
