@@ -387,14 +387,25 @@ class AsyncEngine:
                 raise ValueError(f"item {i} is empty")
             self._check_length(ids, what=f"item {i}")
         params = SamplingParams(max_tokens=1)
-        if len(before) > 1:
-            async for _ in self._enqueue(before, params, None, client_id, label_ids=()):
-                pass
-        streams = [
-            self._enqueue(p, params, None, client_id, label_ids=labels, apply_softmax=apply_softmax)
-            for p in prompts
-        ]
-        finals = [await _last(s) for s in streams]
+        streams: list[RequestStream] = []
+        try:
+            if len(before) > 1:
+                streams.append(self._enqueue(before, params, None, client_id, label_ids=()))
+                async for _ in streams[0]:
+                    pass
+            items_at = len(streams)
+            streams += [
+                self._enqueue(
+                    p, params, None, client_id, label_ids=labels, apply_softmax=apply_softmax
+                )
+                for p in prompts
+            ]
+            finals = [await _last(s) for s in streams[items_at:]]
+        except asyncio.CancelledError:  # the caller went away: so does its work
+            for stream in streams:
+                if not stream.finished:
+                    self.abort(stream.request_id)
+            raise
         failed = [(i, o.error or o.finish_reason) for i, o in enumerate(finals) if o.scores is None]
         if failed:
             raise RuntimeError(f"scoring failed for item {failed[0][0]}: {failed[0][1]}")

@@ -88,6 +88,8 @@ class ToEngine(msgspec.Struct, kw_only=True):
     aborts: list[str] = []
     abort_all: bool = False
     calls: list[Call] = []
+    cancels: list[int] = []
+    """Calls whose caller went away (their work is aborted)."""
     shutdown: float | None = None
     """Drain within this many seconds, then stop (the last frame the front sends)."""
 
@@ -446,6 +448,11 @@ class ProcessEngine:
         self._outbox.touch().calls.append(Call(call=call, kind=kind, score=score))
         try:
             reply = await future
+        except asyncio.CancelledError:  # the caller went away: tell the child to stop too
+            # (cancelling this task cancelled the future too; a reply would have resolved it)
+            if self._outbox is not None and (future.cancelled() or not future.done()):
+                self._outbox.touch().cancels.append(call)
+            raise
         finally:
             self._calls.pop(call, None)
         if reply.error is not None:
@@ -547,7 +554,7 @@ async def serve_engine(sock: socket.socket) -> None:
 
     outbox = Outbox(writer, FromEngine, unsendable)
     decoder = msgspec.msgpack.Decoder(ToEngine)
-    tasks: set[asyncio.Task[None]] = set()
+    tasks: dict[int, asyncio.Task[None]] = {}
     timeout = 0.0
     try:
         while True:
@@ -564,15 +571,18 @@ async def serve_engine(sock: socket.socket) -> None:
                 engine.abort_all()
             for call in frame.calls:
                 task = asyncio.create_task(_answer(engine, metrics, call, outbox))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                tasks[call.call] = task
+                task.add_done_callback(lambda _, n=call.call: tasks.pop(n, None))
+            for number in frame.cancels:
+                if number in tasks:
+                    tasks[number].cancel()
             if frame.shutdown is not None:
                 timeout = frame.shutdown
                 break
         await engine.shutdown(timeout)
         if tasks:  # score calls whose requests the drain just finished: let them reply
-            await asyncio.wait(tasks, timeout=5.0)
-        for task in list(tasks):
+            await asyncio.wait(list(tasks.values()), timeout=5.0)
+        for task in list(tasks.values()):
             task.cancel()
         metrics.detach()
     finally:

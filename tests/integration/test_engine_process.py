@@ -155,3 +155,29 @@ async def test_values_the_wire_cannot_carry_fail_alone() -> None:
         assert remote.running
         again = await collect(remote.submit("The cat", GREEDY))
         assert again.token_ids == result.token_ids
+
+
+async def test_a_cancelled_score_call_stops_in_the_child_too() -> None:
+    async with ProcessEngine(CONFIG) as remote:
+        items = [f"item {i} " * 12 for i in range(3000)]  # many seconds of work
+        task = asyncio.ensure_future(remote.score("query: ", items, label_token_ids=LABELS))
+
+        async def queued() -> bool:
+            m = parse_samples(await remote.metrics_text())
+            return m.get(("slmserve:num_requests_waiting", ()), 0.0) > 0
+
+        await until(queued)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        async def drained() -> bool:
+            m = parse_samples(await remote.metrics_text())
+            return not any(
+                v for (name, _), v in m.items()
+                if name in ("slmserve:num_requests_waiting", "slmserve:num_requests_running")
+            )  # fmt: skip
+
+        await until(drained, timeout=2.0)
+        ok = await remote.score("query: ", items[:2], label_token_ids=LABELS)
+        assert len(ok.scores) == 2

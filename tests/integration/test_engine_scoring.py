@@ -193,3 +193,30 @@ def _assert_close(got: list[list[float]], want: list[list[float]]) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g == pytest.approx(w, abs=1e-5)
+
+
+async def test_a_cancelled_score_call_aborts_its_items(qwen3_dir: Path) -> None:
+    """A caller that goes away (an HTTP client hanging up cancels its handler) takes its
+    scoring work with it: nothing of it is left running or waiting."""
+    config = EngineConfig(model=str(qwen3_dir), device="cpu", dtype="float32", kv_tokens=4096,
+                          max_batch_tokens=64, chunked_prefill_size=64)  # fmt: skip
+    async with Engine(config) as engine:
+        items = [f"item {i} " * 6 for i in range(300)]
+        task = asyncio.ensure_future(engine.score("query: ", items, label_token_ids=LABELS))
+        for _ in range(500):
+            if engine.times.steps >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.core is not None and len(engine.core.waiting) > 100  # far from done
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        cancelled_at = engine.times.steps
+        for _ in range(500):  # the aborts apply between steps: a step or two, not the rest
+            if engine.times.steps >= cancelled_at + 2:
+                break
+            await asyncio.sleep(0.01)
+        assert not engine.core.running and not engine.core.waiting
+        engine.core.check_integrity()
+        ok = await engine.score("query: ", items[:2], label_token_ids=LABELS)
+        assert len(ok.scores) == 2
