@@ -722,21 +722,21 @@ class AsyncEngine:
                     error=seq.error,
                 )
             )
-        self.plugins.hook.slmserve_request_finished(
-            engine=self,
-            request_id=seq.rid,
-            info={
-                "finish_reason": seq.finish_reason,
-                "client_id": seq.sched.client_id,
-                "prompt_tokens": seq.num_prompt,
-                "cached_tokens": seq.num_cached_tokens,
-                "output_tokens": len(seq.output_ids),
-                "arrival_time": seq.sched.arrival_time,
-                "first_scheduled_time": seq.first_scheduled_time,
-                "first_token_time": seq.first_token_time,
-                "finish_time": time.monotonic(),
-            },
-        )
+        info = {
+            "finish_reason": seq.finish_reason,
+            "client_id": seq.sched.client_id,
+            "prompt_tokens": seq.num_prompt,
+            "cached_tokens": seq.num_cached_tokens,
+            "output_tokens": len(seq.output_ids),
+            "arrival_time": seq.sched.arrival_time,
+            "first_scheduled_time": seq.first_scheduled_time,
+            "first_token_time": seq.first_token_time,
+            "finish_time": time.monotonic(),
+        }
+        try:
+            self.plugins.hook.slmserve_request_finished(engine=self, request_id=seq.rid, info=info)
+        except Exception:  # an observer's bug must not stop the step loop it runs in
+            log.exception("a slmserve_request_finished hook failed")
 
     def stats(self) -> dict[str, Any]:
         """Counters and gauges for metrics endpoints (cheap: no tree walk)."""

@@ -228,6 +228,12 @@ class ModelRunner:
         for g in range(len(groups)):
             rows, vocab = index[2 * g], index[2 * g + 1]
             lab = self.backend.logits(hidden.index_select(0, rows), vocab_ids=vocab)
+            if tuple(lab.shape) != (rows.shape[0], vocab.shape[0]):  # shapes: no device sync
+                raise RuntimeError(
+                    f"backend {getattr(self.backend, 'name', type(self.backend).__name__)!r} "
+                    f"returned label logits of shape "
+                    f"{list(lab.shape)} for {rows.shape[0]} rows x {vocab.shape[0]} labels"
+                )
             probs.append(torch.softmax(lab, dim=-1).reshape(-1))
         flat = probs[0] if len(probs) == 1 else torch.cat(probs)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from slmserve import Engine, EngineConfig, SamplingParams, hookimpl
 from slmserve.engine import collect
 from slmserve.plugins import PluginManager
@@ -44,3 +46,29 @@ async def test_lifecycle_hooks_fire_in_order(qwen3_dir: Path) -> None:
     assert info1["output_tokens"] == 3 and info1["prompt_tokens"] == len("hi")
     assert info1["arrival_time"] <= info1["first_token_time"] <= info1["finish_time"]
     assert rid2 == stream.request_id and info2["finish_reason"] == "abort"
+
+
+class Faulty:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def slmserve_request_finished(self, engine: Any, request_id: str, info: dict) -> None:
+        self.calls += 1
+        raise RuntimeError("observer bug")
+
+
+async def test_a_request_finished_hook_that_raises_is_logged_not_fatal(
+    qwen3_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hook runs inside the step loop: its failure is logged, and the request, its
+    neighbours and the engine carry on."""
+    faulty = Faulty()
+    plugins = PluginManager(load_entrypoints=False, extra_plugins=(faulty,))
+    config = EngineConfig(model=str(qwen3_dir), device="cpu", kv_tokens=1024)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    async with Engine(config, plugins=plugins) as engine:
+        first, second = [await collect(engine.submit(p, params)) for p in ("one", "two")]
+        assert engine.running
+    assert [r.finish_reason for r in (first, second)] == ["length", "length"]
+    assert faulty.calls == 2 and "slmserve_request_finished hook failed" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -220,3 +221,20 @@ async def test_a_cancelled_score_call_aborts_its_items(qwen3_dir: Path) -> None:
         engine.core.check_integrity()
         ok = await engine.score("query: ", items[:2], label_token_ids=LABELS)
         assert len(ok.scores) == 2
+
+
+async def test_label_logits_of_the_wrong_shape_are_an_error_not_scores(qwen3_dir: Path) -> None:
+    config = EngineConfig(model=str(qwen3_dir), device="cpu", dtype="float32", kv_tokens=1024)
+    async with Engine(config) as engine:
+        real = engine.backend.logits
+
+        def short(hidden: Any, vocab_ids: Any = None) -> Any:
+            out = real(hidden, vocab_ids=vocab_ids)
+            return out if vocab_ids is None else out[:, :-1]  # one label column missing
+
+        engine.backend.logits = short  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match=r"label logits of shape \[1, 1\] for 1 rows x 2"):
+            await engine.score("q", ["item"], label_token_ids=[5, 6])
+        engine.backend.logits = real  # type: ignore[method-assign]
+        ok = await engine.score("q", ["item"], label_token_ids=[5, 6])
+        assert len(ok.scores[0]) == 2
