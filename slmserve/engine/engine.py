@@ -377,15 +377,14 @@ class AsyncEngine:
         if not self.running or self.core is None or self.backend is None:
             raise EngineClosedError("the engine is not running")
         labels = self._label_ids(label_token_ids)
-        if not items:
-            raise ValueError("items is empty: give at least one item to score")
+        check_items(items)
         self._check_queue(len(items) + 1)
         before, after, item_ids = await self._score_pieces(query, items, item_first, template)
         prompts = [before + ids + after for ids in item_ids]
         for i, ids in enumerate(prompts):
             if len(item_ids[i]) == 0:
                 raise ValueError(f"item {i} is empty")
-            self._check_length(ids, what=f"item {i}")
+            self._check_length(ids, what=f"item {i} with the query and template")
         params = SamplingParams(max_tokens=1)
         streams: list[RequestStream] = []
         try:
@@ -803,6 +802,14 @@ def check_prompt_length(ids: Sequence[int], limit: int, *, what: str) -> None:
             f"{what} has {len(ids)} tokens; the limit is {limit - 1} "
             f"(max_model_len {limit} leaves room for at least one output token)"
         )
+
+
+def check_items(items: Sequence[str | Sequence[int]]) -> None:
+    """A list of items, not one string (which would score each of its characters)."""
+    if isinstance(items, str):
+        raise ValueError("items must be a list of texts or token-id lists, not one string")
+    if not items:
+        raise ValueError("items is empty: give at least one item to score")
 
 
 def _depth(inflight: deque[tuple[StepPlan, LaunchedStep, float]]) -> int:

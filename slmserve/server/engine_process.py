@@ -38,7 +38,7 @@ import msgspec
 
 from slmserve.config import EngineConfig
 from slmserve.engine import AsyncEngine, EngineClosedError, QueueFullError, RequestStream
-from slmserve.engine.engine import prompt_token_ids
+from slmserve.engine.engine import check_items, prompt_token_ids
 from slmserve.interfaces import ModelInfo
 from slmserve.plugins import PluginManager
 from slmserve.types import RequestOutput, SamplingParams, ScoreResult
@@ -419,6 +419,7 @@ class ProcessEngine:
         client_id: str | None = None,
     ) -> ScoreResult:
         """As :meth:`AsyncEngine.score`, run by the child (errors keep their types)."""
+        check_items(items)
         args = ScoreArgs(
             query=query if isinstance(query, str) else [int(t) for t in query],
             items=[x if isinstance(x, str) else [int(t) for t in x] for x in items],

@@ -182,7 +182,10 @@ def _param_of(message: str) -> str | None:
     match = _ITEM_INDEX.search(message)
     if match:
         return f"items[{match.group(1)}]"
-    return "label_token_ids" if "label_token_ids" in message else None
+    for param in ("label_token_ids", "query"):
+        if param in message:
+            return param
+    return None
 
 
 # ------------------------------------------------------------------------------ compression

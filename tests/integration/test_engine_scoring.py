@@ -120,6 +120,8 @@ async def test_bad_scoring_input(qwen3_dir: Path) -> None:
     async with Engine(EngineConfig(model=str(qwen3_dir), device="cpu", kv_tokens=2048)) as engine:
         with pytest.raises(ValueError, match="items is empty"):
             await engine.score("q", [], label_token_ids=LABELS)
+        with pytest.raises(ValueError, match="not one string"):
+            await engine.score("q", "abc", label_token_ids=LABELS)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="label_token_ids outside"):
             await engine.score("q", ["a"], label_token_ids=(1, 10**6))
         with pytest.raises(ValueError, match="label_token_ids is empty"):
