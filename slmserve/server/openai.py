@@ -268,10 +268,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         raise APIError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs")
     serving.check_choices(req.n)
     prompt = serving.chat_prompt(req.messages, req.add_generation_prompt)
-    requested = (
-        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    )
-    max_tokens = serving.max_tokens(len(prompt.ids), requested, None)
+    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    requested = getattr(req, field)
+    max_tokens = serving.max_tokens(len(prompt.ids), requested, None, field)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = [sampling_params(req, max_tokens, logprobs=logprobs, choice=j) for j in range(req.n)]
     rid = new_id("chatcmpl")

@@ -145,11 +145,17 @@ class Serving:
             raise APIError(400, f"`{param}` is empty", param=param)
         return ids
 
-    def max_tokens(self, prompt_len: int, requested: int | None, default: int | None) -> int:
+    def max_tokens(
+        self,
+        prompt_len: int,
+        requested: int | None,
+        default: int | None,
+        field: str = "max_tokens",
+    ) -> int:
         """How many tokens to generate; 400 if prompt + ``requested`` exceeds the context.
 
         ``default`` (used when the client sent none) is clamped to what fits; ``None`` means
-        "the rest of the context".
+        "the rest of the context". ``field`` is the body field ``requested`` came from.
         """
         limit = self.max_model_len
         room = limit - prompt_len
@@ -168,8 +174,8 @@ class Serving:
                 400,
                 f"this model's maximum context length is {limit} tokens; you requested "
                 f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for "
-                f"the completion). Reduce the prompt or max_tokens.",
-                param="max_tokens",
+                f"the completion). Reduce the prompt or {field}.",
+                param=field,
                 code="context_length_exceeded",
             )
         return requested

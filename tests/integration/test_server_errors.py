@@ -123,6 +123,9 @@ async def test_context_length(make_client: MakeClient) -> None:
     assert "64 tokens" in message and "70 tokens" in message
     resp = await client.post("/v1/completions", json={"prompt": "x" * 64})
     await expect_error(resp, 400, param="prompt", code="context_length_exceeded")
+    short = {"messages": [{"role": "user", "content": "y"}], "max_completion_tokens": 500}
+    resp = await client.post("/v1/chat/completions", json=short)
+    await expect_error(resp, 400, param="max_completion_tokens", code="context_length_exceeded")
     chat = {"messages": [{"role": "user", "content": "y" * 70}]}
     await expect_error(
         await client.post("/v1/chat/completions", json=chat),
