@@ -107,6 +107,16 @@ def load_config(
         raise ConfigError(f"invalid engine config: {exc}") from None
 
 
+def require_file(path: str | Path, what: str) -> Path:
+    """``path``, or a ``ConfigError`` saying it is missing or not a file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{what} is not a file: {path}")
+    return path
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """The parsed file, or a ``ConfigError`` naming the file and the problem."""
     try:

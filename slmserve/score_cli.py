@@ -115,6 +115,8 @@ def cmd_score(args: argparse.Namespace, plugins: PluginManager) -> int:
 
     if args.batch_size < 1:
         raise CLIError("--batch-size must be at least 1")
+    if not args.query:
+        raise CLIError("--query is empty: give the text the items are scored against")
     records = read_items(Path(args.items))
     compressors = compressor_chain(args, plugins)
     out = open_output(args.output) or sys.stdout  # before the work: a bad path fails now

@@ -35,7 +35,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from slmserve.config import ConfigError, read_toml
+from slmserve.config import ConfigError, read_toml, require_file
 from slmserve.plan.profile import Profile, convert_profile, read_profile
 from slmserve.plan.workload import Shape
 
@@ -71,9 +71,7 @@ class Catalog:
 
 def load_catalog(path: str | Path) -> Catalog:
     """Read and validate a catalog; every error names the file and the type."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"catalog file not found: {path}")
+    path = require_file(path, "catalog file")
     raw = read_toml(path)
     unknown = set(raw) - {"workload", "type"}
     if unknown:

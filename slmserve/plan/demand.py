@@ -13,13 +13,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from slmserve.config import ConfigError
+from slmserve.config import ConfigError, require_file
 
 
 def read_demand_trace(path: str | Path) -> list[tuple[str, float]]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"demand trace not found: {path}")
+    path = require_file(path, "demand trace")
     rows = _jsonl(path) if path.suffix in (".jsonl", ".json") else _csv(path)
     if not rows:
         raise ConfigError(f"demand trace {path} has no periods")

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from slmserve.config import ConfigError, read_toml
+from slmserve.config import ConfigError, read_toml, require_file
 from slmserve.plan.fit import FitQuality
 from slmserve.plan.workload import PosInt, Shape
 from slmserve.sim.simulator import CostModel, SimConfig
@@ -121,9 +121,7 @@ def convert_profile(raw: Any, where: str) -> Profile:
 
 def read_profile(path: str | Path) -> Profile:
     """Read a profile from ``.toml`` or ``.json``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"profile file not found: {path}")
+    path = require_file(path, "profile file")
     if path.suffix == ".toml":
         raw = read_toml(path)
     else:

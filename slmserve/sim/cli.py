@@ -232,6 +232,8 @@ def cmd_simulate(args: argparse.Namespace, plugins: PluginManager) -> int:
         raise ConfigError(str(exc)) from None
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
+    if args.until is not None and not args.until > 0:
+        raise ConfigError(f"--until must be > 0 seconds, got {args.until}")
 
     capacity = args.capacity
     if loads is not None and args.closed_loop is not None:

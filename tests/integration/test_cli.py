@@ -55,6 +55,7 @@ def test_bad_input_exits_2_with_a_message(
         (["generate", "x", "--model", "/nonexistent/model"], "/nonexistent/model"),
         (["generate", "--input", "."], "cannot read input file"),
         (["score", "--query", "q", "--items", ".", "--labels", "Y,N"], "cannot read items"),
+        (["score", "--query", "", "--items", ".", "--labels", "Y,N"], "--query is empty"),
     ],
 )
 def test_more_bad_input_is_one_line_and_exit_2(

@@ -195,6 +195,9 @@ def test_plan_cli_catalog_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFi
         ["plan", "--catalog", "nope.toml", "--demand", "1", "--slo-p99", "1"], capsys
     )
     assert code == 2 and "catalog file not found" in err
+    argv = ["plan", "--catalog", str(tmp_path), "--demand", "1", "--slo-p99", "1"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "catalog file is not a file" in err
 
 
 def test_bench_profile_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:

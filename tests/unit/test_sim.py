@@ -538,6 +538,7 @@ def test_simulate_command_closed_loop_trace(tmp_path: Path) -> None:
         (["--workload-opt", "bogus=1"], "bogus"),
         (["--load", "1", "--closed-loop", "4"], "exclude"),
         (["--trace", "/nonexistent.jsonl"], "nonexistent"),
+        (["--until", "-1"], "--until must be > 0"),
     ],
 )
 def test_simulate_command_errors(tmp_path: Path, argv: list[str], message: str) -> None:
