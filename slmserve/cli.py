@@ -62,7 +62,7 @@ def add_engine_args(parser: argparse.ArgumentParser, plugins: PluginManager) -> 
     g.add_argument(
         "--overlap",
         choices=["auto", "on", "off"],
-        help="plan and launch the next step while a scoring step runs (auto: on for CUDA)",
+        help="plan and launch the next step while this one runs (auto: on for CUDA)",
     )
 
 
@@ -196,7 +196,7 @@ def cmd_generate(args: argparse.Namespace, plugins: PluginManager) -> int:
             stop=args.stop or [],
             ignore_eos=args.ignore_eos,
         ).check()
-    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from None
     out = open_output(args.output)  # before the work: a bad path fails now, not after it
     try:

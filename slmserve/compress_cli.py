@@ -83,7 +83,7 @@ def cmd_compress(args: argparse.Namespace, plugins: PluginManager) -> int:
                 texts = [text for _, text in batch]
                 try:
                     done = run_chain(compressors, texts, args.query, tokenizer)
-                except ValueError as exc:
+                except (ValueError, RuntimeError) as exc:  # bad input, or a plugin's bug named
                     raise CLIError(str(exc)) from None
                 before += sum(count_tokens(tokenizer, t) for t in texts)
                 after += sum(count_tokens(tokenizer, t) for t in done)

@@ -288,7 +288,9 @@ class EngineCore:
             order = self.scheduler.order([s.sched for s in self.waiting.values()], plan.now)
         except Exception as exc:  # a policy bug: what it was to order fails, the rest runs on
             log.exception("scheduler %s failed in order", self.scheduler.name)
-            self._fail_waiting(f"scheduler {self.scheduler.name!r} failed: {exc!r}")
+            self.fail_waiting(
+                list(self.waiting), f"scheduler {self.scheduler.name!r} failed: {exc!r}"
+            )
             return
         for view in order:
             if budget <= 0 or len(self.running) >= self.limits.max_running_requests:
@@ -376,9 +378,10 @@ class EngineCore:
             return "length"
         return None
 
-    def _fail_waiting(self, error: str) -> None:
-        for seq in list(self.waiting.values()):
-            del self.waiting[seq.rid]
+    def fail_waiting(self, rids: list[str], error: str) -> None:
+        """Fail these waiting requests with ``error`` (they never ran: nothing to release)."""
+        for rid in rids:
+            seq = self.waiting.pop(rid)
             seq.error = error
             self._finish(seq, "error")
 

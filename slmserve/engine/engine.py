@@ -552,8 +552,8 @@ class AsyncEngine:
         """
         inflight: deque[tuple[StepPlan, LaunchedStep, float]] = deque()
         while True:
-            busy = frozenset(it.seq.rid for p, _, _ in inflight for it in p.items)
-            self._apply_aborts(busy)
+            if self._aborts:
+                self._apply_aborts(frozenset(it.seq.rid for p, _, _ in inflight for it in p.items))
             if not inflight or (self.overlaps and len(inflight) < _depth(inflight)):
                 if not inflight and not core.has_work():
                     self._idle.set()
@@ -629,12 +629,10 @@ class AsyncEngine:
         assert self.core is not None
         if self.core.running or not self.core.waiting:
             return
-        rid = next(iter(self.core.waiting))
-        seq = self.core.waiting.pop(rid)
-        seq.error = "request does not fit in the KV cache"
-        self.core._finish(seq, "error")
+        head = next(iter(self.core.waiting))
+        self.core.fail_waiting([head], "request does not fit in the KV cache")
 
-    def _apply_aborts(self, busy: frozenset[str] = frozenset()) -> None:
+    def _apply_aborts(self, busy: frozenset[str]) -> None:
         """Abort what was asked; a request whose step is still on the device is aborted once
         that step is collected (its slots are being written)."""
         assert self.core is not None
